@@ -1,0 +1,61 @@
+# syntax=docker/dockerfile:1
+# The project image: every pipeline step and every training pod runs it
+# (components/_image.py: DAD_IMAGE = ghcr.io/dad-on-kubeflow/dad:<package version>).
+# Build with `make image`, i.e. `docker build -t $(DAD_IMAGE) .`
+
+# CUDA 13.0 build of the torch/torchvision pair that requirements.lock.txt pins; the version
+# check below fails the build if the two ever disagree.
+ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+# PyTorch's images use the distribution's system Python, which may mark itself "externally
+# managed" (PEP 668); inside an image of our own, installing into it is what we want.
+ENV PIP_BREAK_SYSTEM_PACKAGES=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    DO_NOT_TRACK=true
+
+WORKDIR /opt/dad
+
+# Dependencies get their own layer, so editing the source does not reinstall them. The lock is
+# the complete, resolved set, hence --no-deps. Its CUDA torch stack (torch, torchvision, triton,
+# nvidia-*, cuda-*) is already in the base image at the same versions: those lines are skipped,
+# so pip neither downloads a second copy nor swaps the base image's build for another one.
+COPY requirements.lock.txt ./
+RUN <<EOF
+set -eu
+grep -vE '^(torch|torchvision|triton|nvidia-[A-Za-z0-9_.-]+|cuda-[A-Za-z0-9_.-]+)==' requirements.lock.txt \
+    > /tmp/requirements.txt
+python3 -m pip install --no-deps -r /tmp/requirements.txt
+rm /tmp/requirements.txt
+EOF
+RUN python3 - <<'EOF'
+import re
+
+import torch
+import torchvision
+
+pins = dict(re.findall(r"^(torch|torchvision)==(\S+)$", open("requirements.lock.txt").read(), re.M))
+have = {"torch": torch.__version__.split("+")[0], "torchvision": torchvision.__version__.split("+")[0]}
+assert have == pins, f"the base image has {have}, requirements.lock.txt pins {pins}"
+print("torch", torch.__version__, "CUDA", torch.version.cuda)
+EOF
+
+# The package itself, then a check that every installed distribution's requirements are met.
+COPY pyproject.toml README.md ./
+COPY dad_core ./dad_core
+RUN python3 -m pip install --no-deps . \
+    && python3 -m pip check \
+    && python3 -c "import dad_core; print('dad_core', dad_core.__version__)"
+
+# A fixed numeric uid/gid, clear of the users base images ship (Ubuntu's uid 1000), so that
+# Kubernetes can verify runAsNonRoot and the training runtime's runAsUser (10001) matches.
+RUN groupadd --gid 10001 dad \
+    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin dad
+USER 10001:10001
+WORKDIR /home/dad
+
+CMD ["dad", "--help"]

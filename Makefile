@@ -1,0 +1,54 @@
+# DAD on Kubeflow. `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DAD_IMAGE ?= $(shell $(PY) -c "from components._image import DAD_IMAGE; print(DAD_IMAGE)" 2>/dev/null)
+export HF_HUB_OFFLINE ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= true
+
+.PHONY: help install run test test-fast lint format compile render-k8s image bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.lock.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.lock.txt
+	$(VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv from the lock file (torch 2.14.1, timm, open_clip, kfp, mlflow, dvc)
+
+run: install  ## the main job: the whole pipeline on the embedded defaults, locally
+	$(PY) pipelines/dad_pipeline.py --local
+
+test: install  ## every test tier that needs no GPU (unit, slow, integration)
+	$(PY) -m pytest -m "not gpu"
+
+test-fast: install  ## unit tests only
+	$(PY) -m pytest -m "not slow and not integration and not gpu"
+
+lint: install  ## ruff lint + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install  ## apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+compile: install  ## write the KFP pipeline spec to dad_pipeline.yaml
+	$(PY) pipelines/dad_pipeline.py --compile --output dad_pipeline.yaml
+
+render-k8s: install  ## render every kustomize overlay
+	@for o in k8s/overlays/*/; do echo "--- $$o"; $(VENV)/bin/kubectl kustomize $$o > /dev/null && echo ok; done
+
+image:  ## build the project image (needs a Docker engine)
+	docker build -t $(DAD_IMAGE) .
+
+bench: install  ## CPU benchmarks on tiny configurations (add ARGS=--full on a GPU)
+	$(PY) bench/generation.py $(ARGS); $(PY) bench/training.py $(ARGS); $(PY) bench/vqgan.py $(ARGS)
+
+clean:  ## remove local outputs (keeps .venv)
+	rm -rf local_outputs runs mlflow.db mlartifacts .pytest_cache

@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines components: thin shells around dad_core calls."""

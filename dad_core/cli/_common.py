@@ -1,0 +1,67 @@
+"""Shared CLI plumbing: config arguments, logging set-up, JSON reports. Only ``cli/`` configures logging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from dad_core.config import DADConfig, load_config
+from dad_core.errors import DADError
+
+__all__ = ["add_config_args", "config_from_args", "fail", "run_main", "setup_logging", "write_report"]
+
+_logger = logging.getLogger("dad_core.cli")
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """``--config params.yaml`` and repeated ``--param section.key=value`` (also ``-p``)."""
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML config namespaced per section (default: params.yaml if present, else built-ins)")
+    parser.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. --param train.epochs=2 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace) -> DADConfig:
+    path = args.config
+    if path is None and Path("params.yaml").is_file():
+        path = Path("params.yaml")
+    return load_config(path, args.params)
+
+
+def setup_logging(primary: bool = True, level: int = logging.INFO) -> None:
+    """Log to stderr on the primary rank; warnings only elsewhere."""
+    logging.basicConfig(
+        level=level if primary else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def write_report(report: dict[str, Any], path: Path) -> Path:
+    """Write a step's JSON report atomically and return its path."""
+    from dad_core.io import atomic_write_json
+
+    return atomic_write_json(Path(path), report)
+
+
+def fail(message: str) -> int:
+    """Print a one-line error that says what to fix; return the exit code."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_main(body, argv: list[str] | None) -> int:
+    """Run a CLI body, turning expected user errors into one-line messages and exit code 2."""
+    try:
+        return body(argv)
+    except (DADError, FileNotFoundError) as err:
+        return fail(str(err))
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)

@@ -1,0 +1,101 @@
+"""The one place that reads the process environment: torchrun's variables, and a few service settings.
+
+Without ``RANK``/``WORLD_SIZE`` set, every helper here behaves as a single process on rank 0, so the same
+code runs under ``python``, ``torchrun --nproc_per_node N``, a Kubeflow Trainer pod and a unit test.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "WorldInfo",
+    "barrier",
+    "cleanup_distributed",
+    "getenv",
+    "init_distributed",
+    "is_primary",
+    "resolve_device",
+    "set_seed",
+    "world_info_from_env",
+]
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def getenv(name: str, default: str | None = None) -> str | None:
+    """Read one environment variable (service settings such as ``MLFLOW_TRACKING_URI``)."""
+    return os.environ.get(name, default)
+
+
+def world_info_from_env() -> WorldInfo:
+    """Rank, local rank and world size as torchrun (or a Trainer/PyTorchJob pod) exports them."""
+    return WorldInfo(
+        rank=int(os.environ.get("RANK", 0)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+    )
+
+
+def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.device:
+    """``device`` as given, else this process's GPU when one is present, else the CPU."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(device: str | None = None) -> tuple[WorldInfo, torch.device]:
+    """Join the process group when launched by torchrun (nccl on GPU, gloo on CPU); a no-op otherwise.
+
+    Returns:
+        The world info and the device this process should use.
+    """
+    info = world_info_from_env()
+    dev = resolve_device(device, info.local_rank)
+    if info.distributed and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return info, dev
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_primary() -> bool:
+    """True on rank 0 (and in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return world_info_from_env().rank == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def set_seed(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch with ``seed + rank`` so ranks draw different augmentations."""
+    value = seed + rank
+    random.seed(value)
+    np.random.seed(value % (2**32))
+    torch.manual_seed(value)

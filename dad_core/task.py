@@ -1,0 +1,104 @@
+"""The DAD training step as a module: ``DADTask(batch) -> {"loss", "output", <named terms>}``.
+
+The training loop knows nothing about DAD (STYLE rule 10). The teacher lives here only in
+``teacher_mode: online``; it is frozen and is never wrapped in DDP (only the student is).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dad_core.config import LossConfig
+from dad_core.losses import DADLoss, soften
+
+__all__ = ["DADTask", "mix_batch"]
+
+
+def mix_batch(tensors: list[Tensor], targets: Tensor, *, mixup: float, cutmix: float,
+              rng: np.random.Generator) -> tuple[list[Tensor], Tensor, Tensor, float]:
+    """Mixup or cutmix (one, chosen at random when both are on), pairing sample i with sample B-1-i.
+
+    Every image tensor in ``tensors`` gets the same mix, so a clean image and its DAD sample stay paired.
+
+    Args:
+        tensors: image tensors ``[B, C, H, W]`` mixed identically.
+        targets: ``[B, K]`` soft targets (one-hot with label smoothing).
+        mixup: Beta(alpha, alpha) parameter of mixup; 0 = off.
+        cutmix: Beta(alpha, alpha) parameter of cutmix; 0 = off.
+        rng: NumPy RNG (its state is checkpointed, so a resumed run mixes the same way).
+
+    Returns:
+        Mixed tensors, mixed targets, the pairing permutation, and lambda (the weight of the unpermuted batch).
+    """
+    perm = torch.arange(targets.shape[0] - 1, -1, -1)
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(rng.beta(alpha, alpha)) if alpha > 0 else 1.0
+    if use_cutmix:
+        h, w = tensors[0].shape[-2:]
+        cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        mixed = []
+        for t in tensors:
+            t = t.clone()
+            t[..., y0:y1, x0:x1] = t[perm][..., y0:y1, x0:x1]
+            mixed.append(t)
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        mixed = [lam * t + (1 - lam) * t[perm] for t in tensors]
+    return mixed, lam * targets + (1 - lam) * targets[perm], perm, lam
+
+
+class DADTask(nn.Module):
+    """Student + loss (+ the teacher in online mode) for one step.
+
+    Batch keys: ``clean``, ``dad`` (``[B, 3, H, W]`` in [0, 1]), ``label`` (``[B]``), and in cached mode
+    ``t_clean``, ``t_dad`` (teacher probabilities at temperature T, ``[B, K]``).
+    """
+
+    def __init__(self, student: nn.Module, loss_cfg: LossConfig, *, num_classes: int, teacher: nn.Module | None = None,
+                 use_dad: bool = True, label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = teacher  # frozen; excluded from DDP because DDP wraps self.student only
+        self.loss = DADLoss(loss_cfg)
+        self.num_classes, self.use_dad = num_classes, use_dad
+        self.label_smoothing, self.mixup, self.cutmix = label_smoothing, mixup, cutmix
+        self.temperature = loss_cfg.temperature
+        self.variant = loss_cfg.variant
+
+    def _teacher_probs(self, batch: dict[str, Tensor], key: str, images: Tensor) -> Tensor:
+        if self.teacher is None:
+            return batch[key]
+        with torch.no_grad():
+            return soften(self.teacher(images), self.temperature)
+
+    def forward(self, batch: dict[str, Tensor], rng: np.random.Generator | None = None) -> dict[str, Tensor]:
+        clean, dad, labels = batch["clean"], batch["dad"], batch["label"]
+        targets: Tensor = labels
+        images = [clean, dad] if self.use_dad else [clean]
+        stored = [batch[k] for k in ("t_clean", "t_dad")[: len(images)]] if self.teacher is None else []
+        if self.mixup > 0 or self.cutmix > 0:
+            off = self.label_smoothing / self.num_classes
+            one_hot = F.one_hot(labels, self.num_classes).float() * (1 - self.label_smoothing) + off
+            mixed, targets, perm, lam = mix_batch(images + stored, one_hot, mixup=self.mixup, cutmix=self.cutmix,
+                                                  rng=rng or np.random.default_rng())
+            images, stored = mixed[: len(images)], mixed[len(images):]
+        t_clean = stored[0] if stored else self._teacher_probs(batch, "t_clean", images[0])
+        # One forward pass over clean + DAD: faster than two, and BatchNorm sees both (as in variant C).
+        logits = self.student(torch.cat(images))
+        s_clean = logits[: clean.shape[0]]
+        if not self.use_dad:
+            out = self.loss(s_clean, targets, t_clean)
+        elif self.variant == "C":
+            t_dad = stored[1] if stored else self._teacher_probs(batch, "t_dad", images[1])
+            out = self.loss(logits, torch.cat([targets, targets]), torch.cat([t_clean, t_dad]))
+        else:
+            t_dad = stored[1] if stored else self._teacher_probs(batch, "t_dad", images[1])
+            out = self.loss(s_clean, targets, t_clean, student_dad=logits[clean.shape[0]:], teacher_dad=t_dad)
+        return {**out, "output": s_clean}

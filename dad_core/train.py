@@ -1,0 +1,325 @@
+"""Distributed DAD training: one entry point for a single process and ``torchrun --nproc_per_node N``.
+
+``fit`` builds the student (DDP-wrapped when distributed), the task (teacher only in online mode), timm's
+optimizer and scheduler, optional EMA, and runs the loop with bf16 autocast and channels_last on GPU, gradient
+accumulation and clipping. Rank 0 writes atomic checkpoints holding everything a resume needs (model, EMA,
+optimizer, scheduler, step, epoch, position in the epoch, RNG states) and logs to MLflow when configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from dad_core.checkpoint import load_checkpoint, save_checkpoint
+from dad_core.config import DADConfig, config_hash, config_to_dict, save_config
+from dad_core.data import read_classes
+from dad_core.distributed import barrier, init_distributed, is_primary, set_seed
+from dad_core.io import atomic_write_json, sha256_file
+from dad_core.student import create_student, unwrap_model
+from dad_core.task import DADTask
+from dad_core.teacher_cache import cache_dependencies, dataset_hash, load_teacher_cache
+from dad_core.train_data import DADPairs, ResumableSampler
+
+__all__ = ["TrainState", "fit"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _expected_deps(cfg: DADConfig, data_root: Path) -> dict[str, Any]:
+    """What the cache must have been made from, as far as the training config can tell."""
+    teacher_sha = sha256_file(Path(cfg.teacher.checkpoint)) if cfg.teacher.checkpoint and Path(
+        cfg.teacher.checkpoint).is_file() else None
+    vqgan_sha = sha256_file(Path(cfg.vqgan.checkpoint)) if cfg.vqgan.checkpoint and Path(
+        cfg.vqgan.checkpoint).is_file() else None
+    deps = cache_dependencies(cfg, dataset=dataset_hash(data_root), teacher_checkpoint_sha256=teacher_sha,
+                              vqgan_checkpoint_sha256=vqgan_sha)
+    deps.pop("package_version")
+    deps.pop("shard_size")
+    if cfg.train.teacher_mode == "online" or deps["views"]["views"] == 0:
+        deps.pop("views")  # the stored views only matter when they are replayed
+    return deps
+
+
+def _build_teacher(cfg: DADConfig, classnames: list[str], device: torch.device) -> nn.Module:
+    from dad_core.teacher import create_clip_teacher
+
+    return create_clip_teacher(cfg.teacher.model_name, cfg.teacher.pretrained, cfg.teacher.checkpoint, classnames,
+                               cfg.teacher.templates, device=device)
+
+
+def _build_optimization(cfg: DADConfig, model: nn.Module, steps_per_epoch: int, device: torch.device):
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    t = cfg.train
+    kwargs = {"foreach": True} if device.type == "cuda" else {}
+    optimizer = create_optimizer_v2(model, opt=t.optimizer, lr=t.lr, weight_decay=t.weight_decay, **kwargs)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=t.sched, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
+                                       min_lr=t.min_lr, updates_per_epoch=steps_per_epoch, warmup_lr=t.lr * 0.01)
+    return optimizer, scheduler
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class _Run:
+    """Everything the loop mutates, gathered so checkpointing is one function."""
+
+    cfg: DADConfig
+    task: DADTask
+    model: nn.Module  # the student as trained (DDP/compiled); unwrap for saving
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: Any
+    mix_rng: np.random.Generator
+    state: TrainState
+    meta: dict[str, Any]
+
+    def save(self, directory: Path) -> None:
+        payload = {
+            "model": unwrap_model(self.task.student).state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": None,  # bf16 autocast needs no loss scaling
+            "train_state": self.state.__dict__, "mix_rng": self.mix_rng.bit_generator.state, "rng": _rng_state(),
+        }
+        save_checkpoint(directory, payload, {**self.meta, "step": self.state.step, "epoch": self.state.epoch})
+
+    def load(self, directory: Path) -> None:
+        payload, _ = load_checkpoint(directory)
+        unwrap_model(self.task.student).load_state_dict(payload["model"])
+        if self.ema is not None and payload["ema"] is not None:
+            self.ema.module.load_state_dict(payload["ema"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.state = TrainState(**payload["train_state"])
+        self.mix_rng.bit_generator.state = payload["mix_rng"]
+        _set_rng_state(payload["rng"])
+
+
+def fit(cfg: DADConfig, data_root: str | Path, cache_dir: str | Path, output_dir: str | Path, *,
+        resume: bool = False, device: str | None = None, stop_after_steps: int | None = None,
+        progress: bool = True, tracker: Any = None, replay_views_online: bool = False) -> dict[str, Any]:
+    """Train a student with the DAD loss; returns a JSON-able report.
+
+    Args:
+        cfg: resolved configuration (``train``, ``loss``, ``cache``/``attack`` for the cache check, ...).
+        data_root: the prepared dataset (class list, dataset hash, val split for per-epoch accuracy).
+        cache_dir: the teacher cache (DAD samples, labels, soft labels, stored views).
+        output_dir: gets ``checkpoint/`` (latest, for resume), ``model/`` (final), ``config.yaml``, ``report.json``.
+        resume: continue from ``output_dir/checkpoint`` if it exists.
+        device: override the device (default: this rank's GPU, else CPU).
+        stop_after_steps: stop after this many optimizer steps without a final save (simulates a kill; tests).
+        progress: progress bar on rank 0.
+        tracker: an experiment tracker (``dad_core.tracking``); None = create one from ``cfg.tracking``.
+        replay_views_online: in online mode, replay the stored views instead of drawing fresh ones (tests).
+
+    Returns:
+        Steps, epochs, final loss terms, val top-1, images/s, output paths.
+    """
+    info, dev = init_distributed(device)
+    data_root, output_dir = Path(data_root), Path(output_dir)
+    set_seed(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
+    classes = read_classes(data_root / "classes.txt")
+    cache = load_teacher_cache(cache_dir, num_classes=len(classes), expected=_expected_deps(cfg, data_root))
+    online = cfg.train.teacher_mode == "online"
+    dataset = DADPairs(cache, image_size=cfg.data.image_size, seed=cfg.train.seed,
+                       replay=not online or replay_views_online, with_teacher=not online,
+                       crop_scale=cfg.train.crop_scale, hflip=cfg.train.hflip, randaugment=cfg.train.randaugment)
+    sampler = ResumableSampler(len(dataset), batch_size=cfg.train.batch_size, rank=info.rank,
+                               world_size=info.world_size, seed=cfg.train.seed)
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.train.num_workers,
+                        pin_memory=dev.type == "cuda", drop_last=True)
+    run = _setup_run(cfg, classes, dev, info, sampler.batches_per_epoch, online, cache.manifest)
+    if tracker is None:
+        from dad_core.tracking import create_tracker
+
+        tracker = create_tracker(cfg.tracking, primary=is_primary(), run_name=output_dir.name,
+                                 tags=_lineage(cfg, data_root, cache_dir))
+    checkpoint_dir = output_dir / "checkpoint"
+    if resume and (checkpoint_dir / "state.pt").is_file():
+        run.load(checkpoint_dir)
+        _logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint_dir, run.state.step,
+                     run.state.epoch, run.state.batch_in_epoch)
+    if is_primary():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+        tracker.log_params(config_to_dict(cfg))
+    report = _loop(run, loader, sampler, dataset, dev, checkpoint_dir, tracker, stop_after_steps, progress)
+    if report.get("stopped"):
+        return report
+    return _finish(run, cfg, data_root, output_dir, dev, tracker, report)
+
+
+def _setup_run(cfg: DADConfig, classes, dev: torch.device, info, batches_per_epoch: int, online: bool,
+               cache_manifest: dict) -> _Run:
+    t = cfg.train
+    student = create_student(t.model, len(classes), pretrained=t.pretrained, drop_path=t.drop_path,
+                             image_size=cfg.data.image_size).to(dev)
+    if dev.type == "cuda" and t.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    ema = None
+    if t.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(student, decay=t.ema_decay)
+    trained: nn.Module = student
+    if info.distributed:
+        trained = nn.parallel.DistributedDataParallel(student, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if t.compile:
+        trained = torch.compile(trained)
+    teacher = _build_teacher(cfg, list(classes.names), dev) if online else None
+    use_dad = cache_manifest["attack"]["mode"] != "none"
+    task = DADTask(trained, cfg.loss, num_classes=len(classes), teacher=teacher, use_dad=use_dad,
+                   label_smoothing=t.label_smoothing, mixup=t.mixup, cutmix=t.cutmix)
+    steps_per_epoch = max(batches_per_epoch // t.grad_accum, 1)
+    optimizer, scheduler = _build_optimization(cfg, student, steps_per_epoch, dev)
+    meta = {"model": t.model, "num_classes": len(classes), "image_size": cfg.data.image_size,
+            "classes": list(classes.ids), "class_names": list(classes.names), "config_hash": config_hash(cfg),
+            "teacher_mode": t.teacher_mode, "attack_mode": cache_manifest["attack"]["mode"],
+            "loss_variant": cfg.loss.variant, "world_size": info.world_size}
+    return _Run(cfg, task, trained, optimizer, scheduler, ema, np.random.default_rng(t.seed + 7919 * info.rank),
+                TrainState(), meta)
+
+
+def _autocast(cfg: DADConfig, dev: torch.device):
+    enabled = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and dev.type == "cuda")
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _to_device(batch: dict[str, torch.Tensor], dev: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in batch.items():
+        value = value.to(dev, non_blocking=True)
+        if channels_last and value.dim() == 4:
+            value = value.contiguous(memory_format=torch.channels_last)
+        out[key] = value
+    return out
+
+
+def _loop(run: _Run, loader, sampler, dataset, dev, checkpoint_dir: Path, tracker, stop_after_steps, progress):
+    cfg, t, st = run.cfg, run.cfg.train, run.state
+    accum, per_epoch = t.grad_accum, sampler.batches_per_epoch
+    total_steps = t.epochs * max(per_epoch // accum, 1)
+    bar = tqdm(total=total_steps, initial=st.step, desc="train", disable=not (progress and is_primary()))
+    channels_last = dev.type == "cuda" and t.channels_last
+    run.task.train()
+    seen, start, last = 0, time.perf_counter(), {}
+    while st.epoch < t.epochs:
+        sampler.set_epoch(st.epoch, st.batch_in_epoch)
+        dataset.set_epoch(st.epoch)
+        for batch in loader:
+            batch = _to_device(batch, dev, channels_last)
+            sync = (st.batch_in_epoch + 1) % accum == 0
+            no_sync = run.model.no_sync if hasattr(run.model, "no_sync") and not sync else contextlib.nullcontext
+            with no_sync(), _autocast(cfg, dev):
+                out = run.task(batch, rng=run.mix_rng)
+                (out["loss"] / accum).backward()
+            st.batch_in_epoch += 1
+            seen += batch["label"].shape[0]
+            if not sync:
+                continue
+            last = _optimizer_step(run, out)
+            bar.update()
+            bar.set_postfix(epoch=st.epoch, loss=f"{last['loss']:.3f}")
+            if st.step % 10 == 0 or st.step == total_steps:
+                tracker.log_metrics({**last, "images_per_s": seen / max(time.perf_counter() - start, 1e-9)},
+                                    step=st.step)
+            if stop_after_steps is not None and st.step >= stop_after_steps:
+                bar.close()
+                return {"stopped": True, "step": st.step}
+            if t.checkpoint_every and st.step % t.checkpoint_every == 0:
+                _save(run, checkpoint_dir)
+        st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+        st.history.append({"epoch": st.epoch, **last})
+        _save(run, checkpoint_dir)
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"steps": st.step, "epochs": st.epoch, "final": last, "seconds": round(seconds, 2),
+            "images_per_s": round(seen / max(seconds, 1e-9), 2)}
+
+
+def _optimizer_step(run: _Run, out: dict[str, torch.Tensor]) -> dict[str, float]:
+    if run.cfg.train.clip_grad:
+        torch.nn.utils.clip_grad_norm_(run.task.student.parameters(), run.cfg.train.clip_grad)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.step += 1
+    run.scheduler.step_update(num_updates=run.state.step)
+    if run.ema is not None:
+        run.ema.update(unwrap_model(run.task.student), step=run.state.step)
+    terms = {k: float(v.detach()) for k, v in out.items() if k != "output" and v.dim() == 0}
+    return {**terms, "lr": run.optimizer.param_groups[0]["lr"]}
+
+
+def _save(run: _Run, directory: Path) -> None:
+    if is_primary():
+        run.save(directory)
+    barrier()
+
+
+def _lineage(cfg: DADConfig, data_root: Path, cache_dir: str | Path) -> dict[str, str]:
+    from dad_core.tracking import lineage_tags
+
+    manifest = Path(cache_dir) / "manifest.json"
+    return lineage_tags(dataset_hash=dataset_hash(data_root),
+                        cache_hash=sha256_file(manifest) if manifest.is_file() else None,
+                        teacher=f"{cfg.teacher.model_name}:{cfg.teacher.pretrained or cfg.teacher.checkpoint}")
+
+
+def _finish(run: _Run, cfg: DADConfig, data_root: Path, output_dir: Path, dev, tracker, report) -> dict[str, Any]:
+    from dad_core.data import create_eval_transform
+    from dad_core.finetune import accuracy
+    from dad_core.teacher_cache import open_split
+
+    student = unwrap_model(run.task.student)
+    evaluated = run.ema.module if run.ema is not None else student
+    val = open_split(data_root, "val", create_eval_transform(cfg.data.image_size))
+    val_top1 = accuracy(evaluated, DataLoader(val, batch_size=256), dev) if is_primary() else None
+    report = {**report, "val_top1": val_top1, "output_dir": str(output_dir), "model_dir": str(output_dir / "model")}
+    if is_primary():
+        run.meta["val_top1"] = val_top1
+        save_checkpoint(output_dir / "model", {"model": student.state_dict(),
+                                               "ema": run.ema.module.state_dict() if run.ema else None},
+                        run.meta)
+        atomic_write_json(output_dir / "report.json", report)
+        tracker.log_metrics({"val_top1": val_top1}, step=run.state.step)
+        for name in ("config.yaml", "report.json"):
+            tracker.log_artifact(output_dir / name)
+        tracker.log_artifact(output_dir / "model")
+        tracker.finish("FINISHED")
+    barrier()
+    return report

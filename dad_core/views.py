@@ -1,0 +1,97 @@
+"""Augmented views that can be stored and replayed exactly: crop box, flip, and a photometric seed.
+
+``teacher_mode: cached`` (the FKD idea, Shen & Xing, ECCV 2022) needs the training loader to rebuild the very
+view the teacher saw at cache time. A view is ``(top, left, height, width, flip, seed)`` on the stored
+no-augmentation image; :func:`apply_view` is the only function that turns one into pixels, and both the cache
+writer and the training loader call it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ViewSpec", "apply_view", "sample_view", "sample_views"]
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+    seed: int  # seeds the photometric op (RandAugment) so it replays identically
+
+
+def sample_view(height: int, width: int, rng: np.random.Generator, *, scale: tuple[float, float],
+                hflip: float, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> ViewSpec:
+    """RandomResizedCrop-style box (area fraction in ``scale``, aspect ratio in ``ratio``), flip and seed."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            break
+    else:  # fall back to the whole image, as torchvision does after ten misses
+        top, left, h, w = 0, 0, height, width
+    flip = bool(rng.random() < hflip)
+    return ViewSpec(top, left, h, w, flip, int(rng.integers(0, 2**31 - 1)))
+
+
+def sample_views(n: int, views: int, height: int, width: int, rng: np.random.Generator, *,
+                 scale: tuple[float, float], hflip: float) -> Tensor:
+    """``[n, views, 6]`` int64 table of (top, left, height, width, flip, seed)."""
+    table = torch.zeros(n, views, 6, dtype=torch.int64)
+    for i in range(n):
+        for r in range(views):
+            v = sample_view(height, width, rng, scale=scale, hflip=hflip)
+            table[i, r] = torch.tensor([v.top, v.left, v.height, v.width, int(v.flip), v.seed])
+    return table
+
+
+def apply_view(image: Tensor, view: Tensor | ViewSpec, size: int, *, randaugment: str = "") -> Tensor:
+    """Crop, resize to ``size``, flip, then the seeded photometric op. ``image``: uint8 or float ``[3, H, W]``.
+
+    Returns:
+        float32 ``[3, size, size]`` in [0, 1].
+    """
+    if isinstance(view, ViewSpec):
+        top, left, h, w, flip, seed = view.top, view.left, view.height, view.width, int(view.flip), view.seed
+    else:
+        top, left, h, w, flip, seed = (int(v) for v in view.tolist())
+    x = image[:, top:top + h, left:left + w]
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if (h, w) != (size, size):
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    if flip:
+        x = x.flip(-1)
+    if randaugment:
+        x = _photometric(x, seed, randaugment)
+    return x.clamp(0, 1)
+
+
+def _photometric(x: Tensor, seed: int, randaugment: str) -> Tensor:
+    """timm RandAugment on a PIL image, with Python's RNG seeded so the same seed gives the same op."""
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+
+    transform = rand_augment_transform(randaugment, {"translate_const": int(x.shape[-1] * 0.45)})
+    pil = Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        out = transform(pil)
+    finally:
+        random.setstate(state)
+    return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0

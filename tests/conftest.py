@@ -1,0 +1,66 @@
+"""Shared fixtures: seeding, a tiny teacher, stub discretizers, offline settings, the gpu marker."""
+
+from __future__ import annotations
+
+import os
+
+# Offline and quiet before anything imports huggingface_hub or mlflow.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+class TinyTeacher(nn.Module):
+    """A small conv classifier with CLIP-like input normalization; takes [0, 1] images."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.48, 0.46, 0.41]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.27, 0.26, 0.28]).view(1, 3, 1, 1))
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, images):
+        x = (images - self.mean) / self.std
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
+
+
+class PoolDiscretizer:
+    """Stub VQGAN: 2x average-pool + nearest upsample, quantized to 8 bits. Same interface as VQGAN."""
+
+    def reconstruct(self, images):
+        with torch.no_grad():
+            low = F.avg_pool2d(images, 2)
+            return (F.interpolate(low, scale_factor=2, mode="nearest") * 255).round().div(255).clamp(0, 1)
+
+
+@pytest.fixture
+def tiny_teacher():
+    from dad_core.teacher import freeze
+
+    return freeze(TinyTeacher())
+
+
+@pytest.fixture
+def pool_discretizer():
+    return PoolDiscretizer()

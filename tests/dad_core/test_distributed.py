@@ -1,0 +1,89 @@
+"""The torchrun environment is the only distributed contract; without it everything is one process on rank 0."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from dad_core.distributed import (
+    WorldInfo,
+    barrier,
+    cleanup_distributed,
+    getenv,
+    init_distributed,
+    is_primary,
+    resolve_device,
+    set_seed,
+    world_info_from_env,
+)
+
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@pytest.fixture
+def no_torchrun(monkeypatch):
+    for name in TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_single_process_without_env_vars(no_torchrun):
+    info = world_info_from_env()
+    assert info == WorldInfo(rank=0, local_rank=0, world_size=1)
+    assert not info.distributed
+    assert is_primary()
+    info, device = init_distributed("cpu")
+    assert info.world_size == 1
+    assert device == torch.device("cpu")
+    assert not (dist.is_available() and dist.is_initialized())  # no process group for a single process
+    barrier()  # no-ops without a process group
+    cleanup_distributed()
+
+
+def test_torchrun_env_vars_are_reflected(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    info = world_info_from_env()
+    assert info == WorldInfo(rank=3, local_rank=1, world_size=4)
+    assert info.distributed
+    assert not is_primary()
+    monkeypatch.setenv("RANK", "0")
+    assert is_primary()
+
+
+def test_getenv_reads_one_variable(monkeypatch):
+    monkeypatch.setenv("DAD_TEST_SETTING", "x")
+    monkeypatch.delenv("DAD_TEST_MISSING", raising=False)
+    assert getenv("DAD_TEST_SETTING") == "x"
+    assert getenv("DAD_TEST_MISSING") is None
+    assert getenv("DAD_TEST_MISSING", "d") == "d"
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(None).type == expected
+
+
+def _draws():
+    return random.random(), float(np.random.rand()), torch.rand(3)
+
+
+def test_set_seed_is_reproducible_and_offsets_by_rank():
+    set_seed(5)
+    a = _draws()
+    set_seed(5)
+    b = _draws()
+    assert a[:2] == b[:2]
+    assert torch.equal(a[2], b[2])
+    set_seed(5, rank=1)
+    c = _draws()
+    set_seed(6)
+    d = _draws()
+    assert c[:2] == d[:2]
+    assert torch.equal(c[2], d[2])
+    assert not torch.equal(a[2], c[2])
