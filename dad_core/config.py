@@ -120,9 +120,9 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class VQGANTrainConfig:
-    epochs: int = 30
+    epochs: int = 3  # the embedded digits reach ~28 dB held-out PSNR with tiny-f4 in about a minute on 2 CPU cores
     lr: float = 2e-3
-    batch_size: int = 64
+    batch_size: int = 16  # small batches: more updates per image, which is what a one-minute budget needs
     weight_decay: float = 1e-4  # AdamW; not applied to the codebook, norms and biases
     warmup_steps: int = 20  # linear warm-up, then cosine decay to 0
     beta: float = 0.25  # commitment loss weight (taming-transformers' VectorQuantizer default)

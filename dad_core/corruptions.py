@@ -11,11 +11,14 @@ Differences from the 224 px originals, all deliberate:
 
 * **Every randomness comes from the ``numpy.random.Generator`` argument**: the same seed gives the same bytes.
 * **Lengths scale with the image.** Constants measured in pixels at 224 px (blur radii and sigmas, glass-blur
-  displacement, motion-blur length, elastic displacement, snow streak length) are multiplied by
+  displacement, motion-blur length, the elastic warp, snow streak length) are multiplied by
   ``s = min(H, W) / 224``; for the 32 px digits ``s = 1/7``. Quantities without a length (noise levels, zoom
-  factors, the pixelate ratio, JPEG quality, brightness and contrast) are used as published. Fractional
-  radii are honoured (anti-aliased disk, sub-pixel line kernels, continuous zoom about the centre), so small
-  images still get five distinct severities; at 32 px the mildest blurs are accordingly mild.
+  factors, snow flake zoom, the pixelate ratio, JPEG quality, brightness, contrast, fog and frost strength) are
+  used as published. Fractional lengths are honoured so small images still get five distinct severities: the
+  defocus disk acts on the bilinear interpolation of the image, motion kernels are splatted sub-pixel, zoom is
+  continuous about the centre, a glass-blur displacement under one pixel becomes a swap probability, and the
+  elastic displacement field keeps its shape relative to the image (see each function). At 32 px the mildest
+  blurs are accordingly mild.
 * **Motion blur** (ImageMagick's ``MotionBlurImage`` in the original) is a one-sided line kernel of
   ``2 * ceil(radius) + 1`` taps with Gaussian weights ``exp(-i^2 / 2 sigma^2)``, splatted bilinearly at the
   random angle.

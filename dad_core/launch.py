@@ -868,6 +868,15 @@ def _pod_failed(pod: Any) -> bool:
     return False
 
 
+def _restarted_after_crash(pod: Any) -> bool:
+    """The container crashed and runs again: the crash is in the log of its previous instance."""
+    for container in (pod.status.container_statuses if pod.status else None) or []:
+        crashed = container.last_state and container.last_state.terminated
+        if crashed and crashed.exit_code and not (container.state and container.state.terminated):
+            return True
+    return False
+
+
 def _failure_logs(api: _Api, name: str, tail_lines: int) -> str:
     """The last log lines of the pod that failed (rank 0 first), or of rank 0 when none is marked failed."""
     from kubernetes.client.exceptions import ApiException
@@ -883,7 +892,7 @@ def _failure_logs(api: _Api, name: str, tail_lines: int) -> str:
         return "(no pods found for the job)"
     pod = ordered[0].metadata.name
     try:
-        text = api.log(pod, tail_lines=tail_lines)
+        text = api.log(pod, tail_lines=tail_lines, previous=_restarted_after_crash(ordered[0]))
     except (ApiException, HTTPError) as err:
         return f"(log of pod {pod} unavailable: {err})"
     return f"last {tail_lines} log lines of pod {pod}:\n{text.rstrip()}"
@@ -940,6 +949,8 @@ def run_kubernetes_job(
         )
     if state == "Failed":
         failure = _failure_logs(api, spec.name, tail_lines)
+        if failure.startswith("(") and logs.tail:  # pods already gone: fall back to what we streamed
+            failure += "; last rank-0 lines streamed:\n" + "\n".join(list(logs.tail)[-tail_lines:])
         if cleanup == "always":
             api.delete(spec.name)
         raise LaunchError(f"{where} failed ({detail or 'no reason given'}); {failure}")

@@ -18,10 +18,11 @@ Three sources, one output contract (``root`` = the output folder)::
 
 ``manifest["files"]`` maps every data file's path (relative to ``manifest["root"]``; skipped files left out)
 to its sha256; the class of ``<split>/<id>/<file>`` is ``id``'s line in ``classes.txt``, never folder order.
-``dataset_hash`` is the sha256 of the sorted ``"<path>\\t<sha256>\\n"`` lines of those files plus
-``classes.txt``, so it depends on content only (not on versions, paths or time) and :func:`verify_dataset`
-checks a tree by re-hashing. The step's report (timings, images/s) is returned, not written into the tree:
-the tree is byte-identical across runs with the same config, and the CLI writes the report beside it.
+``dataset_hash`` is :func:`dataset_hash` of ``{"files/<path>": sha256, ..., "classes.txt": sha256}``: the
+sha256 of those sorted ``"<key>\\t<sha256>\\n"`` lines, so it depends on content only (not on versions, absolute
+paths or time), and :func:`verify_dataset` checks a tree by re-hashing. The step's report (timings, images/s)
+is returned, not written into the tree: the tree is byte-identical across runs with the same config and
+library versions, and the CLI writes the report beside it (``<output>.report.json``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import logging
 import shutil
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -148,18 +150,17 @@ def _dataset_hash(files: dict[str, str], classes_sha: str) -> str:
 
 
 def _manifest(
-    source: dict[str, Any], root: str, cfg: DataConfig, classes: ClassList, classes_sha: str, files: dict[str, str]
+    source: dict[str, Any], root: str, classes: ClassList, classes_sha: str, files: dict[str, str]
 ) -> dict[str, Any]:
     splits = {}
     for split in _SPLITS:
         count, digest = _group_hash(files, f"{split}/")
-        splits[split] = {"count": count, "sha256": digest}
+        per_class = Counter(rel.split("/")[1] for rel in files if rel.startswith(f"{split}/"))
+        splits[split] = {"count": count, "sha256": digest, "per_class": {cid: per_class[cid] for cid in classes.ids}}
     return {
         "format": FORMAT,
         "source": source,
         "root": root,
-        "image_size": cfg.image_size,
-        "seed": cfg.seed,
         "classes": {"file": CLASSES, "sha256": classes_sha, "ids": list(classes.ids), "names": list(classes.names)},
         "splits": splits,
         "files": files,
@@ -367,8 +368,9 @@ def prepare_digits(output_root: str | Path, cfg: DataConfig, *, progress: bool =
                 tree.write_png(f"{split}/{DIGIT_CLASSES.ids[labels[i]]}/{i:04d}.png", images[i])
         specs = _write_digit_suites(tree, images, labels, val, cfg, classes_txt)
         source = {"kind": "digits", "name": "sklearn.datasets.load_digits", "num_images": len(labels)}
-        manifest = _manifest(source, ".", cfg, DIGIT_CLASSES, hashlib.sha256(classes_txt).hexdigest(), tree.files)
-        manifest.update(val_fraction=cfg.val_fraction, suite_seed=cfg.suite_seed, suite_per_class=cfg.suite_per_class)
+        manifest = _manifest(source, ".", DIGIT_CLASSES, hashlib.sha256(classes_txt).hexdigest(), tree.files)
+        settings = ("image_size", "val_fraction", "seed", "suite_seed", "suite_per_class")
+        manifest.update({key: getattr(cfg, key) for key in settings})
         manifest["suites"] = _suite_entries(specs, tree.files)
         atomic_write_json(tmp / MANIFEST, manifest)
     suites = {name: info["count"] for name, info in manifest["suites"].items()}
@@ -437,7 +439,7 @@ def _prepare_folder_into(
     if not good:
         raise DatasetError(f"{source_dir}: no readable images under {', '.join(splits)}")
     classes_sha = sha256_file(write_classes(classes, out / CLASSES))
-    manifest = _manifest(source, root_ref, cfg, classes, classes_sha, _hash_files(source_dir, good))
+    manifest = _manifest(source, root_ref, classes, classes_sha, _hash_files(source_dir, good))
     manifest.update(skipped=bad, on_bad_image=cfg.on_bad_image)
     atomic_write_json(out / MANIFEST, manifest)
     return manifest, bad

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -57,7 +58,18 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # DESIGN 5: the local store, when no URI is configured
 METRIC_TAG = "dad.metric."  # version tag prefix holding the metrics a version was registered with
-_META_LINEAGE = ("git_sha", "dataset_hash", "cache_hash", "teacher", "dvc_rev", "vqgan", "config_hash")
+_META_LINEAGE = (
+    "git_sha",
+    "dataset_hash",
+    "cache_hash",
+    "teacher",
+    "dvc_rev",
+    "vqgan",
+    "config_hash",
+    "teacher_mode",
+    "attack_mode",
+    "loss_variant",
+)  # meta.json keys copied onto the version as dad.<key> tags
 
 
 class RegistryError(DADError):
@@ -119,7 +131,10 @@ def _read_meta(checkpoint_dir: Path) -> dict[str, Any]:
     meta_path = checkpoint_dir / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"no student checkpoint at {checkpoint_dir} (expected meta.json and state.pt)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as err:
+        raise RegistryError(f"{meta_path} is not valid JSON: {err}") from err
     missing = [key for key in ("model", "num_classes", "image_size") if key not in meta]
     if missing:
         raise RegistryError(f"{meta_path}: missing key(s) {missing}")
@@ -161,8 +176,13 @@ def _package_copy(folder: Path) -> str:
     return str(target)
 
 
+def _tag_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text[:5000]
+
+
 def _version_tags(meta: Mapping[str, Any], metrics: Mapping[str, float], tags: Mapping[str, Any] | None) -> dict:
-    from_meta = {f"dad.{k}": str(meta[k]) for k in _META_LINEAGE if isinstance(meta.get(k), str | int | float)}
+    from_meta = {f"dad.{k}": _tag_value(meta[k]) for k in _META_LINEAGE if meta.get(k) not in (None, "")}
     from_meta["dad.student"] = str(meta["model"])
     values = {f"{METRIC_TAG}{mlflow_key(k)}": repr(float(v)) for k, v in metrics.items()}
     return {**lineage_tags(), **from_meta, **values, **{str(k): str(v) for k, v in (tags or {}).items()}}
@@ -274,10 +294,12 @@ def register_model(
     Raises:
         FileNotFoundError: no checkpoint at ``checkpoint_dir``.
         TrackingError: the tracking server does not answer.
-        RegistryError: MLflow refused a request.
+        RegistryError: ``alias`` is not a valid alias, or MLflow refused a request.
     """
     from dad_core.student import load_student
 
+    if not re.fullmatch(r"[\w-]{1,255}", alias) or re.fullmatch(r"latest|v\d+", alias.lower()):
+        raise RegistryError(f"alias {alias!r} is not valid: letters, digits, _ and -, not 'latest' nor v<number>")
     uri = _connect(tracking_uri, timeout_s)
     checkpoint_dir = Path(checkpoint_dir)
     meta = _read_meta(checkpoint_dir)
@@ -285,10 +307,11 @@ def register_model(
     info = {
         "classes": list(classes or meta.get("classes") or []),
         "preprocessing": dict(preprocessing or _default_preprocessing(student, meta)),
+        "class_names": list(meta.get("class_names") or []),
         "student": meta["model"],
         "num_classes": int(meta["num_classes"]),
     }
-    values = {str(k): float(v) for k, v in metrics.items()}
+    values = {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     with _mlflow_errors(uri), _tracking_uri(uri):
         import mlflow
 
@@ -400,7 +423,8 @@ def _gate(
     margin: float,
     clean_metric: str,
     clean_tolerance: float,
-) -> tuple[bool, str]:
+) -> tuple[str, str]:
+    """``("accepted" | "rejected", reason)``: ``metric`` must gain >= ``margin``, ``clean_metric`` lose <= tolerance."""
     missing = [
         f"{who} has no {key!r}"
         for who, values in (("challenger", challenger), ("champion", champion))
@@ -408,14 +432,14 @@ def _gate(
         if key not in values
     ]
     if missing:
-        return False, "cannot compare: " + "; ".join(missing)
+        return "rejected", "cannot compare: " + "; ".join(missing)
     gain = challenger[metric] - champion[metric]
     drop = champion[clean_metric] - challenger[clean_metric]
     if gain < margin - 1e-12:
-        return False, f"{metric} gain {gain:+.4f} is below the margin {margin:g}"
+        return "rejected", f"{metric} gain {gain:+.4f} is below the margin {margin:g}"
     if drop > clean_tolerance + 1e-12:
-        return False, f"{clean_metric} drops by {drop:.4f}, more than the tolerance {clean_tolerance:g}"
-    return True, (
+        return "rejected", f"{clean_metric} drops by {drop:.4f}, more than the tolerance {clean_tolerance:g}"
+    return "accepted", (
         f"{metric} gain {gain:+.4f} >= margin {margin:g}; "
         f"{clean_metric} change {-drop:+.4f} within tolerance {clean_tolerance:g}"
     )
@@ -469,8 +493,7 @@ def promote(
         elif str(champion.version) == str(challenger.version):
             outcome, reason = "unchanged", f"the challenger (version {challenger.version}) already is the champion"
         else:
-            won, reason = _gate(challenger_metrics, champion_metrics, metric, margin, clean_metric, clean_tolerance)
-            outcome = "accepted" if won else "rejected"
+            outcome, reason = _gate(challenger_metrics, champion_metrics, metric, margin, clean_metric, clean_tolerance)
         if outcome == "accepted":
             retry(lambda: client.set_registered_model_alias(name, CHAMPION, challenger.version))
         if outcome != "unchanged":

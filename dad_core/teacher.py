@@ -158,6 +158,7 @@ def create_clip_classifier(
     *,
     device: str | torch.device | None = None,
     clip_state_dict: dict[str, Tensor] | None = None,
+    build_head: bool = True,
 ) -> CLIPClassifier:
     """Build a trainable CLIP classifier whose head is the zero-shot head (used by fine-tuning).
 
@@ -168,6 +169,8 @@ def create_clip_classifier(
         templates: prompt templates or the name of a set (``openai``, ``simple``, ``plain``); default ``openai``.
         device: where to build the head.
         clip_state_dict: full open_clip weights to load before building the head.
+        build_head: False leaves the head empty, for a caller that loads a saved head over it (building it runs
+            the text tower over classes x templates: minutes for ViT-L with 1000 classes x 80 templates).
 
     Returns:
         The classifier, in train mode, all parameters trainable.
@@ -186,7 +189,10 @@ def create_clip_classifier(
     templates = get_templates(templates or "openai") if isinstance(templates, str | None) else tuple(templates)
     tokenizer = open_clip.get_tokenizer(model_name)
     model.eval()
-    head = open_clip.build_zero_shot_classifier(model, tokenizer, classnames, templates, device=device or "cpu")
+    if build_head:
+        head = open_clip.build_zero_shot_classifier(model, tokenizer, classnames, templates, device=device or "cpu")
+    else:
+        head = torch.zeros(model.visual.output_dim, len(classnames))
     visual_cfg = model.visual
     mean = getattr(visual_cfg, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
     std = getattr(visual_cfg, "image_std", None) or open_clip.OPENAI_DATASET_STD
@@ -246,7 +252,7 @@ def create_clip_teacher(
             f"{checkpoint}: not a teacher checkpoint (expected a dad-clip-classifier file or open_clip weights "
             f"with 'visual.*' keys; found {found})")
     teacher = create_clip_classifier(model_name, None if ours else pretrained, classnames, templates,
-                                     device=device, clip_state_dict=None if ours else state)
+                                     device=device, clip_state_dict=None if ours else state, build_head=not ours)
     if ours:
         try:
             teacher.load_state_dict(state["state_dict"])

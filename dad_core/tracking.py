@@ -94,18 +94,21 @@ def retry(
         What ``fn`` returns.
 
     Raises:
+        ValueError: ``attempts`` is below 1.
         Exception: the last error, once ``attempts`` calls failed or an error is not transient.
     """
-    for attempt in range(1, attempts + 1):
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    for attempt in range(1, attempts):
         try:
             return fn()
         except Exception as err:
-            if attempt >= attempts or not transient(err):
+            if not transient(err):
                 raise
             delay = base_delay * 2 ** (attempt - 1)
             _logger.warning("transient error (%s); retry %d/%d in %.1f s", err, attempt, attempts - 1, delay)
             time.sleep(delay)
-    raise AssertionError("unreachable")
+    return fn()
 
 
 def resolve_tracking_uri(uri: str | None) -> str | None:
@@ -270,7 +273,7 @@ class Tracker:
         """Log numeric values; None and non-numbers are skipped."""
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Upload a file, or a folder's contents."""
+        """Upload a file, or a folder (under its own name unless ``artifact_path`` is given)."""
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """Store ``obj`` as a JSON/YAML artifact (the extension of ``artifact_file`` decides)."""
@@ -406,6 +409,8 @@ class MLflowTracker(Tracker):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"artifact to log not found: {path}")
+        if path.is_dir() and artifact_path is None:
+            artifact_path = path.name  # a folder keeps its name: model/ -> model/state.pt, model/meta.json
         upload = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
         retry(lambda: upload(self._run_id, str(path), artifact_path))
 

@@ -178,10 +178,11 @@ def fit(cfg: DADConfig, data_root: str | Path, cache_dir: str | Path, output_dir
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
         tracker.log_params(config_to_dict(cfg))
-    report = _loop(run, loader, sampler, dataset, dev, checkpoint_dir, tracker, stop_after_steps, progress)
-    if report.get("stopped"):
-        return report
-    return _finish(run, cfg, data_root, output_dir, dev, tracker, report)
+    with tracker:  # a crash marks the MLflow run FAILED instead of leaving it RUNNING
+        report = _loop(run, loader, sampler, dataset, dev, checkpoint_dir, tracker, stop_after_steps, progress)
+        if report.get("stopped"):
+            return report
+        return _finish(run, cfg, data_root, output_dir, dev, tracker, report)
 
 
 def _setup_run(cfg: DADConfig, classes, dev: torch.device, info, batches_per_epoch: int, online: bool,
@@ -300,16 +301,40 @@ def _lineage(cfg: DADConfig, data_root: Path, cache_dir: str | Path) -> dict[str
                         teacher=f"{cfg.teacher.model_name}:{cfg.teacher.pretrained or cfg.teacher.checkpoint}")
 
 
+def _ranks_in_sync(model: nn.Module) -> bool:
+    """Give every rank rank 0's buffers, then check that all ranks hold the same weights.
+
+    DDP keeps parameters equal and broadcasts buffers (BatchNorm statistics) at the start of each forward, so
+    after the last step the buffers differ by that step's update; parameters that differ mean a bug or a bad node.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    import hashlib
+
+    digest = hashlib.sha256()
+    for value in model.state_dict().values():
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digest.hexdigest())
+    return len(set(gathered)) == 1
+
+
 def _finish(run: _Run, cfg: DADConfig, data_root: Path, output_dir: Path, dev, tracker, report) -> dict[str, Any]:
     from dad_core.data import create_eval_transform
     from dad_core.finetune import accuracy
     from dad_core.teacher_cache import open_split
 
     student = unwrap_model(run.task.student)
+    in_sync = _ranks_in_sync(student)
     evaluated = run.ema.module if run.ema is not None else student
     val = open_split(data_root, "val", create_eval_transform(cfg.data.image_size))
     val_top1 = accuracy(evaluated, DataLoader(val, batch_size=256), dev) if is_primary() else None
-    report = {**report, "val_top1": val_top1, "output_dir": str(output_dir), "model_dir": str(output_dir / "model")}
+    report = {**report, "val_top1": val_top1, "ranks_in_sync": in_sync, "world_size": run.meta["world_size"],
+              "output_dir": str(output_dir), "model_dir": str(output_dir / "model")}
     if is_primary():
         run.meta["val_top1"] = val_top1
         save_checkpoint(output_dir / "model", {"model": student.state_dict(),

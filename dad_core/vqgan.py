@@ -40,24 +40,27 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 # Architectures in taming's ``ddconfig`` vocabulary plus the codebook size (n_embed) and code dimension (embed_dim).
+# One architecture per line reads better than one key per line, hence the formatter pause.
+_IO = dict(in_channels=3, out_ch=3, double_z=False, dropout=0.0)
+# fmt: off
 VQGAN_CONFIGS: dict[str, dict[str, Any]] = {
     # latent-diffusion vq-f8 / "VQGAN OpenImages (f=8)": the reference's discretizer (dad_method.md 1.3)
     "f8-16384": dict(ch=128, ch_mult=[1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[32], z_channels=4,
-                     embed_dim=4, n_embed=16384, resolution=256, in_channels=3, out_ch=3, double_z=False, dropout=0.0),
+                     embed_dim=4, n_embed=16384, resolution=256, **_IO),
     # taming-transformers ImageNet VQGANs
     "f16-1024": dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], z_channels=256,
-                     embed_dim=256, n_embed=1024, resolution=256, in_channels=3, out_ch=3, double_z=False, dropout=0.0),
+                     embed_dim=256, n_embed=1024, resolution=256, **_IO),
     "f16-16384": dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], z_channels=256,
-                      embed_dim=256, n_embed=16384, resolution=256, in_channels=3, out_ch=3, double_z=False,
-                      dropout=0.0),
+                      embed_dim=256, n_embed=16384, resolution=256, **_IO),
     # embedded defaults (DESIGN 1b): 32x32 digits -> an 8x8 grid of codes; trains in about a minute on 2 CPU cores
-    "tiny-f4": dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=32,
-                    embed_dim=8, n_embed=256, resolution=32, in_channels=3, out_ch=3, double_z=False, dropout=0.0),
+    "tiny-f4": dict(ch=32, ch_mult=[1, 1, 2], num_res_blocks=1, attn_resolutions=[], z_channels=8,
+                    embed_dim=8, n_embed=256, resolution=32, **_IO),
 }
+# fmt: on
 _DEFAULT_CHECKPOINT_CONFIG = "f8-16384"
 _OPTIONAL_KEYS = {"in_channels": 3, "out_ch": 3, "double_z": False, "dropout": 0.0, "resamp_with_conv": True}
-_REQUIRED_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed",
-                  "resolution")
+# ``resolution`` only places attention: taming compares each level's nominal size with ``attn_resolutions``.
+_REQUIRED_KEYS = "ch ch_mult num_res_blocks attn_resolutions z_channels embed_dim n_embed resolution".split()
 # Lightning checkpoints also hold the training loss (discriminator, LPIPS) and, in latent-diffusion, EMA weights.
 _IGNORED_PREFIXES = ("loss.", "model_ema.")
 _NEAREST_CODE_BUDGET = 1 << 24  # distance-matrix elements per chunk (64 MiB in fp32)
@@ -89,11 +92,14 @@ def resolve_vqgan_config(config: str | dict[str, Any]) -> dict[str, Any]:
         "dropout": resolved["dropout"] == 0.0,
         "resamp_with_conv": config.get("resamp_with_conv", True) is True,
         "ch": all((resolved["ch"] * m) % 32 == 0 for m in resolved["ch_mult"]),  # GroupNorm(32 groups)
+        "num_res_blocks": resolved["num_res_blocks"] >= 1,
     }
     bad = [key for key, ok in checks.items() if not ok]
     if bad:
-        raise ConfigError(f"vqgan config: unsupported values for {bad} (need ch_mult[0] == 1, double_z false, "
-                          f"dropout 0, resamp_with_conv true, ch * mult divisible by 32)")
+        raise ConfigError(
+            f"vqgan config: unsupported values for {bad} (need ch_mult[0] == 1, double_z false, "
+            f"dropout 0, resamp_with_conv true, ch * mult divisible by 32, num_res_blocks >= 1)"
+        )
     return resolved
 
 
@@ -109,14 +115,24 @@ def _create_network(config: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
     attn = [res in config["attn_resolutions"] for res in _level_resolutions(config)]
     channels = tuple(config["ch"] * m for m in config["ch_mult"])
     encoder = Encoder(
-        in_channels=config["in_channels"], out_channels=config["z_channels"], block_out_channels=channels,
+        in_channels=config["in_channels"],
+        out_channels=config["z_channels"],
+        block_out_channels=channels,
         down_block_types=tuple("AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn),
-        layers_per_block=config["num_res_blocks"], norm_num_groups=32, act_fn="silu", double_z=False,
+        layers_per_block=config["num_res_blocks"],
+        norm_num_groups=32,
+        act_fn="silu",
+        double_z=False,
     )
     decoder = Decoder(
-        in_channels=config["z_channels"], out_channels=config["out_ch"], block_out_channels=channels,
+        in_channels=config["z_channels"],
+        out_channels=config["out_ch"],
+        block_out_channels=channels,
         up_block_types=tuple("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attn)),
-        layers_per_block=config["num_res_blocks"], norm_num_groups=32, act_fn="silu", norm_type="group",
+        layers_per_block=config["num_res_blocks"],
+        norm_num_groups=32,
+        act_fn="silu",
+        norm_type="group",
     )
     return encoder, decoder
 
@@ -177,7 +193,15 @@ def from_taming_state_dict(
 ) -> dict[str, Tensor]:
     """Translate a taming-layout state dict to the layout of ``model_state`` (a ``VQGAN.state_dict()``).
 
-    Training-loss and EMA entries (``loss.*``, ``model_ema.*``) are dropped.
+    Args:
+        taming_state: weights under taming's names; training-loss and EMA entries (``loss.*``, ``model_ema.*``)
+            are dropped.
+        model_state: the target model's state dict, which fixes the expected names and shapes.
+        num_levels: ``len(ch_mult)``.
+        source: what to call the weights in error messages (the file name).
+
+    Returns:
+        A state dict for ``VQGAN.load_state_dict``; attention projections reshaped from 1x1 convs to linears.
 
     Raises:
         CheckpointError: a model key is missing or unexpected (the first 20 are listed), or a shape differs.
@@ -196,8 +220,9 @@ def from_taming_state_dict(
         if _is_attention_projection(taming_name) and value.dim() == 4 and value.shape[2:] == (1, 1):
             value = value[:, :, 0, 0]
         if value.shape != target.shape:
-            raise CheckpointError(f"{source}: {taming_name} has shape {tuple(value.shape)}, "
-                                  f"the VQGAN config needs {tuple(target.shape)}")
+            raise CheckpointError(
+                f"{source}: {taming_name} has shape {tuple(value.shape)}, the VQGAN config needs {tuple(target.shape)}"
+            )
         out[key] = value
     return out
 
@@ -286,7 +311,12 @@ class VQGAN(nn.Module):
         state, stored_config = _read_checkpoint(path, weights_only=weights_only)
         model = cls(config if config is not None else stored_config or _DEFAULT_CHECKPOINT_CONFIG)
         model.load_state_dict(
-            from_taming_state_dict(state, model.state_dict(), len(model.config["ch_mult"]), source=str(path))
+            from_taming_state_dict(
+                state,
+                model.state_dict(),
+                len(model.config["ch_mult"]),
+                source=f"{path} (read as VQGAN config {model.config_name or model.config})",
+            )
         )
         model.checkpoint_path, model.checkpoint_hash = str(path), sha256_file(path)
         _logger.info("loaded VQGAN %s from %s", model.config_name or "custom", path)
@@ -363,8 +393,14 @@ class VQGAN(nn.Module):
     def reconstruct(self, images: Tensor) -> Tensor:
         """The discretizer: ``x -> 2x-1 -> encode -> nearest code -> decode -> clamp(-1, 1) -> (x+1)/2`` (DESIGN 3.2).
 
-        Every operation is per sample (GroupNorm, attention within an image), so a batch gives the same result as
-        its images one by one. No gradient flows through it.
+        Runs in the model's dtype (fp32) even inside an autocast region: the output is a choice among codes, and
+        bf16 latents flip near-tie choices (on an H200, f8-16384 at 224 px under bf16 autocast moved pixels by up to
+        0.14 versus fp32, for a 20% speed-up). Every operation is per sample (GroupNorm, attention within an image),
+        so a batch gives the same result as its images one by one, up to the rounding of the convolution algorithm
+        picked for each batch size, which can flip a rare near-tie code on GPUs. PyTorch's default TF32 convolutions
+        (Ampere and later) changed 2.5% of f8 code choices versus the CPU; with
+        ``torch.backends.cudnn.conv.fp32_precision = "ieee"`` set at program start they all matched (3.6x slower).
+        No gradient flows through it.
 
         Args:
             images: ``[B, 3, H, W]`` in ``[0, 1]``.
@@ -373,8 +409,9 @@ class VQGAN(nn.Module):
             ``[B, 3, H, W]`` in ``[0, 1]``, in the dtype of ``images``.
         """
         dtype = next(self.parameters()).dtype
-        codes, _ = self.quantize(self.encode(images.to(dtype) * 2 - 1))
-        return ((self.decode(codes).clamp(-1, 1) + 1) / 2).to(images.dtype)
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            codes, _ = self.quantize(self.encode(images.to(dtype) * 2 - 1))
+            return ((self.decode(codes).clamp(-1, 1) + 1) / 2).to(images.dtype)
 
     def forward(self, images: Tensor) -> Tensor:
         """Same as :meth:`reconstruct`, so a VQGAN can be passed wherever a discretizer callable is expected."""

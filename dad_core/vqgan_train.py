@@ -39,8 +39,11 @@ class _PatchDiscriminator(nn.Sequential):
 
     def __init__(self, in_channels: int = 3, width: int = 64) -> None:
         super().__init__(
-            nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.GroupNorm(8, 2 * width), nn.LeakyReLU(0.2),
+            nn.Conv2d(in_channels, width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
+            nn.GroupNorm(8, 2 * width),
+            nn.LeakyReLU(0.2),
             nn.Conv2d(2 * width, 1, 3, padding=1),
         )
 
@@ -94,7 +97,8 @@ def _create_optimizer(module: nn.Module, tcfg: VQGANTrainConfig, total_steps: in
     no_decay = [p for n, p in module.named_parameters() if p.dim() <= 1 or n.startswith("codebook")]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tcfg.lr, betas=(0.9, 0.99),
+        lr=tcfg.lr,
+        betas=(0.9, 0.99),
     )
     warmup = min(tcfg.warmup_steps, max(total_steps - 1, 0))
 
@@ -147,11 +151,13 @@ def _train_step(model: VQGAN, images: Tensor, step: int, state: dict[str, Any], 
         state["restarted"] += _restart_dead_codes(model, counts, out["latents"])
         counts.zero_()
     names = ("loss", "l1", "l2", "codebook", "commitment", "generator", "discriminator")
-    return {name: float(out[name]) for name in names if name in out}
+    return {name: float(out[name].detach()) for name in names if name in out}
 
 
 @torch.no_grad()
-def evaluate_vqgan(model: VQGAN, dataset: Dataset, *, batch_size: int = 256, device: torch.device | None = None) -> dict:
+def evaluate_vqgan(
+    model: VQGAN, dataset: Dataset, *, batch_size: int = 256, device: torch.device | None = None
+) -> dict:
     """Reconstruction quality and codebook use of ``model.reconstruct`` on a data set of ``(image in [0, 1], label)``.
 
     Returns:
@@ -185,7 +191,9 @@ def _fit(model: VQGAN, loader: DataLoader, tcfg: VQGANTrainConfig, device: torch
     total_steps = tcfg.epochs * len(loader)
     optimizer, scheduler = _create_optimizer(model, tcfg, total_steps)
     state = {
-        "optimizer": optimizer, "scheduler": scheduler, "restarted": 0,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "restarted": 0,
         "adversary": _Adversary(tcfg, total_steps, device) if tcfg.adversarial_weight > 0 else None,
         "counts": torch.zeros(model.config["n_embed"], dtype=torch.long, device=device),
     }
@@ -228,8 +236,13 @@ def train_vqgan(
     set_seed(tcfg.seed)
     dev = torch.device(device) if device is not None else resolve_device()
     model = VQGAN.from_config(cfg.config).to(dev).train()
-    loader = DataLoader(dataset, batch_size=min(tcfg.batch_size, len(dataset)), shuffle=True,
-                        drop_last=len(dataset) > tcfg.batch_size, generator=torch.Generator().manual_seed(tcfg.seed))
+    loader = DataLoader(
+        dataset,
+        batch_size=min(tcfg.batch_size, len(dataset)),
+        shuffle=True,
+        drop_last=len(dataset) > tcfg.batch_size,
+        generator=torch.Generator().manual_seed(tcfg.seed),
+    )
     start = time.perf_counter()
     fit = _fit(model, loader, tcfg, dev, progress)
     seconds = time.perf_counter() - start
@@ -237,11 +250,24 @@ def train_vqgan(
     metrics = evaluate_vqgan(model, val_dataset if val_dataset is not None else dataset, batch_size=256)
     path = model.save_checkpoint(output_path)
     report = {
-        "config": cfg.config, "epochs": tcfg.epochs, "steps": fit["steps"], "train_seconds": round(seconds, 2),
-        "images_per_s": round(fit["images"] / max(seconds, 1e-9), 1), "final_losses": fit["losses"],
-        "restarted_codes": fit["restarted_codes"], "eval_split": "val" if val_dataset is not None else "train",
-        "val": metrics, "output": str(path), "sha256": sha256_file(path),
+        "config": cfg.config,
+        "epochs": tcfg.epochs,
+        "steps": fit["steps"],
+        "train_seconds": round(seconds, 2),
+        "images_per_s": round(fit["images"] / max(seconds, 1e-9), 1),
+        "final_losses": fit["losses"],
+        "restarted_codes": fit["restarted_codes"],
+        "eval_split": "val" if val_dataset is not None else "train",
+        "val": metrics,
+        "output": str(path),
+        "sha256": sha256_file(path),
     }
-    _logger.info("VQGAN %s: PSNR %.2f dB, codebook usage %.1f%%, %.0f images/s -> %s", cfg.config,
-                 metrics["psnr_db"], 100 * metrics["codebook_usage"], report["images_per_s"], path)
+    _logger.info(
+        "VQGAN %s: PSNR %.2f dB, codebook usage %.1f%%, %.0f images/s -> %s",
+        cfg.config,
+        metrics["psnr_db"],
+        100 * metrics["codebook_usage"],
+        report["images_per_s"],
+        path,
+    )
     return report

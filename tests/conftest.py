@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+pytest_plugins = ["servers"]  # SeaweedFS / MLflow server fixtures (tests/servers.py)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -64,3 +66,25 @@ def tiny_teacher():
 @pytest.fixture
 def pool_discretizer():
     return PoolDiscretizer()
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory):
+    """The embedded digits prepared once per session (suites with 10 images per class to keep it quick)."""
+    from dad_core.config import load_config
+    from dad_core.prepare import prepare_digits
+
+    root = tmp_path_factory.mktemp("data") / "digits"
+    prepare_digits(root, load_config(None, ["data.suite_per_class=10"]).data, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(digits_root, tmp_path_factory):
+    """The tiny CLIP teacher fine-tuned on the digits once per session."""
+    from dad_core.config import load_config
+    from dad_core.finetune import finetune_teacher
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    finetune_teacher(load_config(None, ["finetune.epochs=4"]), digits_root, path, progress=False)
+    return path

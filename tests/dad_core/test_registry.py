@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,8 +93,8 @@ def test_first_registration_is_challenger_and_champion_and_loads_identically(che
     assert info.metadata["classes"] == CLASSES
     assert info.metadata["preprocessing"]["image_size"] == 16
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 16, 16]
-    local = mlflow.artifacts.download_artifacts(f"{info.model_uri}/requirements.txt")
-    assert f"torch=={torch.__version__.split('+')[0]}" in open(local).read().split()
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/student/1")).read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements
 
 
 def test_promotion_gate_rejects_worse_and_moves_champion_to_better(checkpoint, mlflow_sqlite_uri):
@@ -167,6 +168,8 @@ def test_registry_errors_are_clear(checkpoint, mlflow_sqlite_uri, tmp_path):
 
     with pytest.raises(RegistryError, match="no registered model 'nobody'"):
         promote("nobody", tracking_uri=mlflow_sqlite_uri)
+    with pytest.raises(RegistryError, match="alias 'v2' is not valid"):
+        _register(checkpoint, mlflow_sqlite_uri, 1.0, 1.0, alias="v2")
     with pytest.raises(FileNotFoundError, match="no student checkpoint"):
         register_model(tmp_path / "missing", {}, name="student", tracking_uri=mlflow_sqlite_uri)
     start = time.monotonic()

@@ -92,6 +92,7 @@ def test_tracker_logs_params_metrics_artifacts_and_tags(tmp_path, mlflow_sqlite_
         tracker.log_metrics({"loss": 1.0}, step=3)
         tracker.log_artifact(tmp_path / "config.yaml")
         tracker.log_artifact(tmp_path / "out", artifact_path="eval")
+        tracker.log_artifact(tmp_path / "out")
         tracker.log_dict({"classes": ["a", "b"]}, "classes.json")
         tracker.set_tags({"stage": "unit"})
     run = _run(mlflow_sqlite_uri, tracker.run_id)
@@ -112,10 +113,8 @@ def test_tracker_logs_params_metrics_artifacts_and_tags(tmp_path, mlflow_sqlite_
     client = mlflow.MlflowClient(mlflow_sqlite_uri)
     history = client.get_metric_history(tracker.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(2, 1.5), (3, 1.0)]
-    files = {a.path for a in client.list_artifacts(tracker.run_id)} | {
-        a.path for a in client.list_artifacts(tracker.run_id, "eval")
-    }
-    assert {"config.yaml", "classes.json", "eval/report.json"} <= files
+    files = {a.path for folder in (None, "eval", "out") for a in client.list_artifacts(tracker.run_id, folder)}
+    assert {"config.yaml", "classes.json", "eval/report.json", "out/report.json"} <= files
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())  # beside the db, not in the cwd
 
 

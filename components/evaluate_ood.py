@@ -1,0 +1,38 @@
+"""``evaluate_ood``: score the student on the clean and OOD suites; metrics, a Markdown report, the full outputs."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+from components._image import DAD_IMAGE
+
+
+@dsl.component(base_image=DAD_IMAGE, install_kfp_package=False)
+def evaluate_ood(dataset: Input[Dataset], student: Input[Model], params: list, evaluation: Output[Artifact],
+                 report: Output[Markdown], metrics: Output[Metrics]) -> float:
+    """Run ``dad evaluate`` on the student's final checkpoint; returns the mean OOD top-1.
+
+    Args:
+        dataset: the prepared dataset (classes and the generated suites under ``suites/``).
+        student: the training run folder (its ``model/`` is scored).
+        params: dotted config overrides (``eval.*``).
+        evaluation: ``eval_report.json``, ``eval_report.md``, ``accuracy.png`` and ``config.yaml``.
+        report: the Markdown report, rendered by the Kubeflow UI.
+        metrics: every numeric top-level value of the report (``clean_top1``, ``ood_mean_top1``, ...).
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from dad_core.cli import evaluate as cli
+
+    overrides = [arg for item in [*params, f"data.root={dataset.path}"] for arg in ("-p", item)]
+    code = cli.main(["--checkpoint", str(Path(student.path) / "model"), "--output", evaluation.path, *overrides])
+    if code != 0:
+        raise RuntimeError(f"dad evaluate failed with exit code {code}; its message is in the log above")
+    results = json.loads((Path(evaluation.path) / "eval_report.json").read_text())
+    shutil.copyfile(Path(evaluation.path) / "eval_report.md", report.path)
+    scores = {k: v for k, v in results.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    evaluation.metadata.update(scores)
+    for key, value in scores.items():
+        metrics.log_metric(key, value)
+    return float(results["ood_mean_top1"])

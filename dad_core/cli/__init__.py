@@ -1,0 +1,1 @@
+"""Entry points: argv -> typed config -> one library call -> outputs. Only this package configures logging."""

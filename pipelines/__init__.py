@@ -1,0 +1,1 @@
+"""Pipeline definitions and the names of the cluster objects they run against."""

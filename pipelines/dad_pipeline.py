@@ -1,0 +1,381 @@
+"""The DAD pipeline: prepare data, [fine-tune the teacher], [train a VQGAN], cache the teacher, train, evaluate, register.
+
+    python pipelines/dad_pipeline.py --compile [--output dad_pipeline.yaml] [--param KEY=VALUE ...]
+    python pipelines/dad_pipeline.py --submit --host URL [--experiment NAME] [--run-name NAME] [--param ...]
+    python pipelines/dad_pipeline.py --local [--output-dir local_outputs] [--param ...]
+
+``--param`` sets a pipeline parameter (``--param num_shards=4``); a dotted key (``--param train.epochs=2``) is a
+config override that every step receives through the ``params`` list. The parameter defaults describe the cluster
+(``pipelines/platform.py``, the names ``k8s/`` creates); ``--local`` swaps in their local counterparts
+(:data:`LOCAL_DEFAULTS`) and runs the same pipeline with ``kfp.local`` on this machine.
+
+Platform settings live here only, on tasks, through ``kfp.kubernetes``:
+
+* every step carries the client pod label (it may reach MLflow and the object store); the steps that read or write
+  object storage or MLflow get the S3 credentials Secret as environment variables;
+* the GPU steps (teacher fine-tuning, VQGAN training, the cache workers, evaluation, and training when it runs
+  in the step's own pod) get ``nvidia.com/gpu``, the GPU tolerations and the GPU node selector;
+* ``prepare_data`` mounts the datasets volume at :data:`DATASETS_MOUNT` (for ``data.source=folder``); the cache
+  workers, the cache collector and training mount the teacher-cache volume at :data:`WORK_MOUNT`, the ``workdir``.
+
+Two kinds of hand-over. Checkpoints that a step makes only when none is given (teacher, VQGAN) and the student
+(made by one of two training branches) pass through ``dsl.If``/``dsl.Else``: each branch returns the artifact's
+URI, and one ``dsl.importer`` turns the chosen URI back into a typed ``Model`` (``kfp.local`` cannot select
+between artifacts with ``dsl.OneOf``, only between parameters; the importer works in both places). The teacher
+cache is written by a ``dsl.ParallelFor`` of workers into one shared folder, ``<workdir>/cache/<run id>``, and
+published by a collector as a ``Dataset`` artifact that points at it.
+"""
+
+import sys
+from pathlib import Path
+
+# Run as a script, sys.path[0] is this folder, where platform.py would shadow the standard library's `platform`.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+if str(_HERE.parent) not in sys.path:
+    sys.path.insert(0, str(_HERE.parent))
+
+import argparse  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+from typing import Any  # noqa: E402
+
+from kfp import compiler, dsl, kubernetes  # noqa: E402
+
+from components._image import DAD_IMAGE  # noqa: E402
+from components.cache_teacher import cache_teacher, collect_teacher_cache, shard_indices  # noqa: E402
+from components.evaluate_ood import evaluate_ood  # noqa: E402
+from components.finetune_teacher import finetune_teacher, use_checkpoint  # noqa: E402
+from components.prepare_data import prepare_data  # noqa: E402
+from components.register_model import register_model  # noqa: E402
+from components.train_student import train_student  # noqa: E402
+from components.train_vqgan import train_vqgan  # noqa: E402
+from pipelines import platform  # noqa: E402
+
+__all__ = ["DATASETS_MOUNT", "GPU", "GPUS_PER_STEP", "GPU_TOLERATIONS", "LOCAL_DEFAULTS", "WORK_MOUNT", "dad_pipeline", "main"]
+
+PIPELINE_NAME = "dad-pipeline"
+GPU = "nvidia.com/gpu"
+WORK_MOUNT = "/mnt/dad-work"  # where the teacher-cache volume is mounted: the shared workdir of the cluster
+DATASETS_MOUNT = "/mnt/datasets"  # where prepare_data sees the datasets volume
+GPU_TOLERATIONS = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]  # the usual taint of GPU nodes
+
+# What --local runs with instead of the cluster defaults (workdir and the MLflow URI are filled in at run time).
+LOCAL_DEFAULTS = {"backend": "local", "nproc_per_node": 2, "gpus_per_node": 0}
+# GPUs of each single-process GPU step. A literal: KFP 2.17 does not pass a parameter used only in a resource
+# setting into dsl.If / dsl.ParallelFor sub-DAGs, so a parameter here would fail those steps at run time.
+GPUS_PER_STEP = 1
+
+
+def _client_pod(task: dsl.PipelineTask, s3_secret: Any = None) -> dsl.PipelineTask:
+    """Label the step as a client of MLflow and the object store; give it the S3 credentials when it uses them."""
+    kubernetes.add_pod_label(task, *platform.CLIENT_POD_LABEL)
+    if s3_secret is not None:
+        kubernetes.use_secret_as_env(task, s3_secret, {key: key for key in platform.S3_SECRET_KEYS})
+    return task
+
+
+def _on_gpu(task: dsl.PipelineTask, gpus: Any, tolerations: Any, node_selector: Any) -> dsl.PipelineTask:
+    task.set_accelerator_type(GPU).set_accelerator_limit(gpus)
+    kubernetes.add_toleration_json(task, tolerations)
+    kubernetes.add_node_selector_json(task, node_selector)
+    return task
+
+
+def _checkpoint(uri: Any, train: Any, label: str, **inputs: Any) -> dsl.PipelineTask:
+    """Train a checkpoint when ``uri`` is empty, else use ``uri``; either way, import it as a ``Model``."""
+    with dsl.If(uri == "", name=f"no-{label}-checkpoint"):
+        trained = train(**inputs)
+    with dsl.Else(name=f"{label}-checkpoint-given"):
+        given = _client_pod(use_checkpoint(uri=uri)).set_display_name(f"use-{label}-checkpoint")
+    chosen = dsl.OneOf(trained.outputs["Output"], given.output)
+    importer = dsl.importer(artifact_uri=chosen, artifact_class=dsl.Model, reimport=False)
+    importer.set_display_name(f"import-{label}")
+    return trained, importer
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Discrete Adversarial Distillation of a CLIP teacher into a timm student")
+def dad_pipeline(  # noqa: PLR0913 - one parameter per user-facing knob
+    params: list = [],  # noqa: B006 - a KFP parameter default (compiled into the spec), never mutated
+    teacher_checkpoint: str = "",
+    vqgan_checkpoint: str = "",
+    num_shards: int = 2,
+    backend: str = "kubernetes",
+    nproc_per_node: int = 1,
+    num_nodes: int = 1,
+    gpus_per_node: int = 1,
+    model_name: str = "dad-student",
+    mlflow_tracking_uri: str = platform.MLFLOW_TRACKING_URI,
+    workdir: str = WORK_MOUNT,
+    namespace: str = platform.NAMESPACE,
+    training_runtime: str = platform.TRAINING_RUNTIME,
+    datasets_pvc: str = platform.DATASETS_PVC,
+    cache_pvc: str = platform.CACHE_PVC,
+    s3_secret: str = platform.S3_SECRET,
+    gpu_tolerations: list = GPU_TOLERATIONS,  # noqa: B006 - as above
+    gpu_node_selector: dict = {},  # noqa: B006 - as above
+) -> str:
+    """Distil a CLIP teacher's OOD robustness into a small student (DESIGN section 2); returns the model version URI.
+
+    Args:
+        params: dotted config overrides for every step, e.g. ``["train.epochs=2"]`` (defaults: ``params.yaml``).
+        teacher_checkpoint: a fine-tuned teacher to use; empty: fine-tune one.
+        vqgan_checkpoint: a VQGAN to use; empty: train one on the training images.
+        num_shards: parallel cache workers.
+        backend: ``kubernetes`` (a Kubeflow Trainer job) or ``local`` (torchrun in the training step's pod).
+        nproc_per_node: training processes per node.
+        num_nodes: training nodes (``kubernetes``).
+        gpus_per_node: GPUs per training node.
+        model_name: the registered model.
+        mlflow_tracking_uri: the MLflow server (or a ``sqlite:///`` file in local runs).
+        workdir: the shared folder of the cache workers and the training nodes.
+        namespace: where the training job runs.
+        training_runtime: the Kubeflow Trainer runtime of the training job.
+        datasets_pvc: the datasets volume.
+        cache_pvc: the teacher-cache volume, mounted as the workdir.
+        s3_secret: the Secret with the S3 credentials.
+        gpu_tolerations: tolerations of the GPU pods.
+        gpu_node_selector: node selector of the GPU pods.
+    """
+    gpu = {"tolerations": gpu_tolerations, "node_selector": gpu_node_selector}
+    run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    data = _client_pod(prepare_data(params=params), s3_secret)
+    kubernetes.mount_pvc(data, datasets_pvc, DATASETS_MOUNT)
+    dataset = data.outputs["dataset"]
+
+    def gpu_step(component: Any, **inputs: Any) -> dsl.PipelineTask:
+        return _on_gpu(_client_pod(component(dataset=dataset, params=params, **inputs)), GPUS_PER_STEP, **gpu)
+
+    _, teacher = _checkpoint(teacher_checkpoint, gpu_step, "teacher", component=finetune_teacher)
+    _, vqgan = _checkpoint(vqgan_checkpoint, gpu_step, "vqgan", component=train_vqgan)
+
+    cache_dir = f"{workdir}/cache/{run_id}"
+    shards = _client_pod(shard_indices(num_shards=num_shards))
+    with dsl.ParallelFor(shards.output, name="cache-workers") as shard_index:
+        worker = gpu_step(cache_teacher, teacher=teacher.output, vqgan=vqgan.output, cache_dir=cache_dir,
+                          shard_index=shard_index, num_shards=num_shards)
+        kubernetes.mount_pvc(worker, cache_pvc, WORK_MOUNT)
+    collect = _client_pod(collect_teacher_cache(cache_dir=cache_dir, worker_reports=dsl.Collected(worker.output)))
+    kubernetes.mount_pvc(collect, cache_pvc, WORK_MOUNT)
+
+    inputs = {
+        "dataset": dataset, "teacher_cache": collect.outputs["teacher_cache"], "params": params,
+        "mlflow_tracking_uri": mlflow_tracking_uri, "nproc_per_node": nproc_per_node, "num_nodes": num_nodes,
+        "gpus_per_node": gpus_per_node, "workdir": workdir, "run_id": run_id,
+        "job": {"image": DAD_IMAGE, "namespace": namespace, "runtime": training_runtime},
+        "mounts": {WORK_MOUNT: cache_pvc}, **gpu,
+    }
+    with dsl.If(backend == "kubernetes", name="train-on-kubeflow-trainer"):
+        launcher = _client_pod(train_student(backend=backend, **inputs), s3_secret)
+        launcher.set_display_name("train-student-launcher")  # the GPUs go to the job's pods, not to this one
+        kubernetes.mount_pvc(launcher, cache_pvc, WORK_MOUNT)
+    with dsl.Else(name="train-in-step"):
+        in_step = _on_gpu(_client_pod(train_student(backend=backend, **inputs), s3_secret), gpus_per_node, **gpu)
+        in_step.set_display_name("train-student")
+        kubernetes.mount_pvc(in_step, cache_pvc, WORK_MOUNT)
+    student = dsl.importer(artifact_uri=dsl.OneOf(launcher.outputs["Output"], in_step.outputs["Output"]),
+                           artifact_class=dsl.Model, reimport=False).set_display_name("import-student")
+
+    evaluation = gpu_step(evaluate_ood, student=student.output)
+    registered = _client_pod(register_model(
+        student=student.output, evaluation=evaluation.outputs["evaluation"], dataset=dataset, model_name=model_name,
+        mlflow_tracking_uri=mlflow_tracking_uri, run_id=run_id, params=params,
+    ), s3_secret)
+    return registered.outputs["Output"]
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+class UsageError(Exception):
+    """A bad command line; main() prints it as one line."""
+
+
+def pipeline_parameters() -> dict[str, tuple[type, Any]]:
+    """The pipeline's parameters: name -> (type, default)."""
+    signature = inspect.signature(dad_pipeline.pipeline_func)
+    return {name: (p.annotation, p.default) for name, p in signature.parameters.items()}
+
+
+def _coerce(key: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is int:
+            return int(raw)
+        if kind in (list, dict):
+            value = json.loads(raw)
+            if not isinstance(value, kind):
+                raise ValueError(f"expected a JSON {kind.__name__}")
+            return value
+    except ValueError as err:
+        raise UsageError(f"--param {key}={raw}: {err}") from None
+    return raw
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``["num_shards=4", "train.epochs=2"]`` -> pipeline arguments; dotted keys are appended to ``params``.
+
+    Raises:
+        UsageError: an item is not ``key=value``, names no pipeline parameter, or has a value of the wrong type.
+    """
+    known, arguments, overrides = pipeline_parameters(), {}, []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--param {item!r} is not of the form key=value")
+        if "." in key:
+            overrides.append(f"{key}={raw}")
+        elif key not in known:
+            raise UsageError(f"unknown pipeline parameter {key!r}; known: {', '.join(known)} "
+                             "(dotted config keys such as train.epochs=2 go to params)")
+        else:
+            arguments[key] = _coerce(key, raw, known[key][0])
+    if overrides:
+        _check_config_overrides(overrides)
+        arguments["params"] = [*arguments.get("params", []), *overrides]
+    return arguments
+
+
+def _check_config_overrides(overrides: list[str]) -> None:
+    """Fail now, not in the first step, on a config key or value the schema rejects."""
+    from dad_core.config import ConfigError, load_config
+
+    try:
+        load_config(None, overrides)
+    except ConfigError as err:
+        raise UsageError(f"--param: {err}") from None
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _sorted(value[key]) for key in sorted(value)}
+    return [_sorted(item) for item in value] if isinstance(value, list) else value
+
+
+def _stable_header(text: str, arguments: dict[str, Any]) -> str:
+    """Print dict-valued defaults in the spec's header comment with sorted keys.
+
+    KFP renders them in protobuf map order, which changes from one process to the next; the spec itself is sorted.
+    """
+    lines = text.splitlines(keepends=True)
+    for name, (kind, default) in pipeline_parameters().items():
+        prefix = f"#    {name}: {kind.__name__} [Default: "
+        if kind in (list, dict):
+            lines = [f"{prefix}{_sorted(arguments.get(name, default))}]\n" if line.startswith(prefix) else line
+                     for line in lines]
+    return "".join(lines)
+
+
+def compile_pipeline(output: Path, arguments: dict[str, Any] | None = None) -> Path:
+    """Write the pipeline spec; the same arguments give the same bytes."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(dad_pipeline, str(output), pipeline_parameters=arguments or None)
+    output.write_text(_stable_header(output.read_text(), arguments or {}))
+    return output
+
+
+def _probe(host: str, timeout_s: float) -> None:
+    """Fail in seconds when nothing answers at ``host`` (the client itself retries for minutes)."""
+    url = f"{host.rstrip('/')}/apis/v2beta1/healthz"
+    try:
+        urllib.request.urlopen(url, timeout=timeout_s).close()  # noqa: S310 - the user's own endpoint
+    except urllib.error.HTTPError:
+        return  # something answers (perhaps behind authentication): let the client talk to it
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise UsageError(f"cannot reach Kubeflow Pipelines at {host}: {reason}") from None
+
+
+def submit(args: argparse.Namespace, arguments: dict[str, Any]) -> int:
+    import kfp
+
+    _probe(args.host, args.timeout)
+    client = kfp.Client(host=args.host, namespace=args.namespace)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(Path(tmp) / "dad_pipeline.yaml")
+        run = client.create_run_from_pipeline_package(
+            str(package), arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
+            namespace=args.namespace, service_account=args.service_account,
+        )
+    print(f"submitted run {run.run_id} to {args.host} (experiment {args.experiment!r})")
+    return 0
+
+
+def _absolute(value: str) -> str:
+    return value if not value or "://" in value else str(Path(value).resolve())
+
+
+def run_local(output_dir: Path, arguments: dict[str, Any]) -> int:
+    """Run the whole pipeline here with ``kfp.local``; print where everything went."""
+    from kfp import local
+
+    for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1"}.items():
+        os.environ.setdefault(key, value)
+    output_dir = output_dir.resolve()
+    db = Path("mlflow.db").resolve()
+    arguments = {**LOCAL_DEFAULTS, "workdir": str(output_dir / "work"), "mlflow_tracking_uri": f"sqlite:///{db}",
+                 **arguments}
+    for key in ("workdir", "teacher_checkpoint", "vqgan_checkpoint"):
+        arguments[key] = _absolute(arguments.get(key, ""))
+    Path(arguments["workdir"]).mkdir(parents=True, exist_ok=True)
+    runs = output_dir / "runs"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs), raise_on_error=True)
+    start = time.monotonic()
+    try:
+        result = dad_pipeline(**arguments)
+    except RuntimeError as err:
+        raise UsageError(f"the local run failed: {str(err).splitlines()[0]} (the step's log is above)") from None
+    run_dir = max(runs.iterdir(), key=lambda p: p.stat().st_mtime)
+    uri = arguments["mlflow_tracking_uri"]
+    print(f"\nlocal run finished in {time.monotonic() - start:.0f}s")
+    print(f"  outputs:          {run_dir}")
+    print(f"  shared workdir:   {arguments['workdir']}")
+    print(f"  registered model: {result.output}")
+    print(f"  MLflow UI:        mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python pipelines/dad_pipeline.py", description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--compile", action="store_true", help="write the pipeline spec")
+    mode.add_argument("--submit", action="store_true", help="start a run on a Kubeflow Pipelines backend")
+    mode.add_argument("--local", action="store_true", help="run the whole pipeline on this machine (kfp.local)")
+    parser.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                        help="pipeline parameter, or a dotted config override such as train.epochs=2 (repeatable)")
+    parser.add_argument("--output", type=Path, default=Path("dad_pipeline.yaml"), help="--compile: spec file")
+    parser.add_argument("--host", help="--submit: the Kubeflow Pipelines API, e.g. http://localhost:8080")
+    parser.add_argument("--experiment", default="dad", help="--submit: experiment name")
+    parser.add_argument("--run-name", default=None, help="--submit: run name")
+    parser.add_argument("--namespace", default=platform.NAMESPACE, help="--submit: namespace of the run")
+    parser.add_argument("--service-account", default=platform.SERVICE_ACCOUNT, help="--submit: the run's account")
+    parser.add_argument("--timeout", type=float, default=5.0, help="--submit: seconds to wait for the host")
+    parser.add_argument("--output-dir", type=Path, default=Path("local_outputs"), help="--local: where outputs go")
+    args = parser.parse_args(argv)
+    if args.submit and not args.host:
+        parser.error("--submit needs --host URL")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        arguments = parse_params(args.params)
+        if args.compile:
+            print(f"wrote {compile_pipeline(args.output, arguments)}")
+            return 0
+        if args.submit:
+            return submit(args, arguments)
+        return run_local(args.output_dir, arguments)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,283 @@
+"""The pipeline spec (compiled as the command line does it), its command line, and a real local run.
+
+The golden spec is ``tests/pipelines/golden/dad_pipeline.yaml``; after an intended change to a component or the
+pipeline, rewrite it with ``UPDATE_GOLDEN=1 pytest tests/pipelines`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "pipelines" / "dad_pipeline.py"
+GOLDEN = Path(__file__).parent / "golden" / "dad_pipeline.yaml"
+STEPS = ("prepare-data", "finetune-teacher", "train-vqgan", "cache-teacher", "collect-teacher-cache",
+         "train-student", "evaluate-ood", "register-model")
+
+
+def _run(*args: str, timeout: float = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("spec") / "dad_pipeline.yaml"
+    result = _run("--compile", "--output", str(path))
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+@pytest.fixture(scope="module")
+def spec(compiled) -> tuple[dict, dict]:
+    pipeline, platform_spec = yaml.safe_load_all(compiled.read_text())
+    return pipeline, platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def platform():
+    from pipelines import platform
+
+    return platform
+
+
+def _tasks(pipeline: dict) -> dict[str, dict]:
+    """Every task of every DAG (root, conditions, loops), by task name."""
+    dags = [pipeline["root"]["dag"], *(c["dag"] for c in pipeline["components"].values() if "dag" in c)]
+    return {name: task for dag in dags for name, task in dag["tasks"].items()}
+
+
+def _executor(pipeline: dict, task: dict) -> str:
+    return pipeline["components"][task["componentRef"]["name"]]["executorLabel"]
+
+
+def _parameter(ref: dict) -> str:
+    """The pipeline parameter a platform setting reads (nested DAGs see it as ``pipelinechannel--<name>``)."""
+    return ref["componentInputParameter"].removeprefix("pipelinechannel--")
+
+
+def _by_display_name(pipeline: dict) -> dict[str, dict]:
+    return {task["taskInfo"]["name"]: task for task in _tasks(pipeline).values()}
+
+
+def test_compiling_twice_gives_the_same_bytes(compiled, tmp_path):
+    again = tmp_path / "again.yaml"
+    assert _run("--compile", "--output", str(again)).returncode == 0
+    assert again.read_bytes() == compiled.read_bytes()
+
+
+def test_golden_spec(compiled):
+    """The committed spec, minus the SDK version line; ``UPDATE_GOLDEN=1`` rewrites it."""
+
+    def strip(text: str) -> str:
+        return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("sdkVersion:"))
+
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(compiled.read_text())
+    assert GOLDEN.is_file(), "no golden spec yet: run UPDATE_GOLDEN=1 pytest tests/pipelines"
+    assert strip(compiled.read_text()) == strip(GOLDEN.read_text()), (
+        "the compiled pipeline differs from tests/pipelines/golden/dad_pipeline.yaml; if that is intended, "
+        "rewrite it with UPDATE_GOLDEN=1 pytest tests/pipelines and review the diff")
+
+
+def test_every_step_is_there(spec):
+    pipeline, _ = spec
+    names = {name.rstrip("-0123456789") for name in _tasks(pipeline)}
+    assert set(STEPS) <= names
+    displayed = _by_display_name(pipeline)
+    assert {"train-student", "train-student-launcher", "import-teacher", "import-vqgan", "import-student",
+            "use-teacher-checkpoint", "use-vqgan-checkpoint"} <= set(displayed)
+
+
+def test_cache_workers_are_a_parallel_for_over_shard_indices(spec):
+    pipeline, _ = spec
+    loops = [task for task in _tasks(pipeline).values() if "parameterIterator" in task]
+    (loop,) = loops
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("shard-indices-Output")
+    body = pipeline["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(body) == ["cache-teacher"]
+    cache_dir = body["cache-teacher"]["inputs"]["parameters"]["cache_dir"]["runtimeValue"]["constant"]
+    assert "{{$.pipeline_job_uuid}}" in cache_dir  # one cache folder per run, shared by the workers
+    collect = _tasks(pipeline)["collect-teacher-cache"]
+    assert collect["inputs"]["parameters"]["worker_reports"]["taskOutputParameter"]["producerTask"] == "for-loop-7"
+
+
+def test_checkpoints_and_the_training_backend_are_conditions(spec):
+    pipeline, _ = spec
+    conditions = {task["taskInfo"]["name"]: task["triggerPolicy"]["condition"]
+                  for task in _tasks(pipeline).values() if "triggerPolicy" in task}
+    assert conditions["no-teacher-checkpoint"] == "inputs.parameter_values['pipelinechannel--teacher_checkpoint'] == ''"
+    assert conditions["teacher-checkpoint-given"].startswith("!(")
+    assert conditions["no-vqgan-checkpoint"] == "inputs.parameter_values['pipelinechannel--vqgan_checkpoint'] == ''"
+    assert conditions["train-on-kubeflow-trainer"] == "inputs.parameter_values['pipelinechannel--backend'] == 'kubernetes'"
+    assert conditions["train-in-step"].startswith("!(")
+
+
+def test_gpus_go_to_the_training_step_not_to_the_launcher(spec):
+    pipeline, executors = spec
+    displayed = _by_display_name(pipeline)
+    containers = pipeline["deploymentSpec"]["executors"]
+    in_step = containers[_executor(pipeline, displayed["train-student"])]["container"]
+    accelerator = in_step["resources"]["accelerator"]
+    assert accelerator["resourceType"] == "nvidia.com/gpu"
+    assert accelerator["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus_per_node']}}"
+    launcher = _executor(pipeline, displayed["train-student-launcher"])
+    assert "resources" not in containers[launcher]["container"]
+    assert "tolerations" not in executors[launcher] and "nodeSelector" not in executors[launcher]
+    for step in ("finetune-teacher", "train-vqgan", "cache-teacher", "evaluate-ood"):
+        resources = containers[_executor(pipeline, displayed[step])]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert resources["accelerator"]["resourceCount"] == "1"
+
+
+def test_platform_settings_use_the_names_k8s_creates(spec, platform):
+    pipeline, executors = spec
+    defaults = {name: p.get("defaultValue") for name, p in pipeline["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["datasets_pvc"] == platform.DATASETS_PVC and defaults["cache_pvc"] == platform.CACHE_PVC
+    assert defaults["s3_secret"] == platform.S3_SECRET and defaults["namespace"] == platform.NAMESPACE
+    assert defaults["mlflow_tracking_uri"] == platform.MLFLOW_TRACKING_URI
+    assert defaults["training_runtime"] == platform.TRAINING_RUNTIME
+    displayed = _by_display_name(pipeline)
+
+    def settings(step: str) -> dict:
+        return executors[_executor(pipeline, displayed[step])]
+
+    key, value = platform.CLIENT_POD_LABEL
+    component_tasks = [t for t in _tasks(pipeline).values() if "executorLabel" in pipeline["components"].get(
+        t["componentRef"]["name"], {}) and not t["taskInfo"]["name"].startswith("import-")]
+    assert len(component_tasks) >= 11
+    for task in component_tasks:
+        assert executors[_executor(pipeline, task)]["podMetadata"]["labels"] == {key: value}
+    for step in ("prepare-data", "train-student", "train-student-launcher", "register-model"):
+        (secret,) = settings(step)["secretAsEnv"]
+        assert _parameter(secret["secretNameParameter"]) == "s3_secret"
+        assert [k["secretKey"] for k in secret["keyToEnv"]] == list(platform.S3_SECRET_KEYS)
+    (mount,) = settings("prepare-data")["pvcMount"]
+    assert _parameter(mount["pvcNameParameter"]) == "datasets_pvc"
+    for step in ("cache-teacher", "collect-teacher-cache", "train-student", "train-student-launcher"):
+        (mount,) = settings(step)["pvcMount"]
+        assert _parameter(mount["pvcNameParameter"]) == "cache_pvc"
+        assert mount["mountPath"] == "/mnt/dad-work" == defaults["workdir"]
+    for step in ("train-student", "finetune-teacher", "train-vqgan", "cache-teacher", "evaluate-ood"):
+        (toleration,) = settings(step)["tolerations"]
+        assert _parameter(toleration["tolerationJson"]) == "gpu_tolerations"
+        assert _parameter(settings(step)["nodeSelector"]["nodeSelectorJson"]) == "gpu_node_selector"
+    assert defaults["gpu_tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+
+
+def test_the_training_job_gets_the_cluster_names(spec, platform):
+    from components._image import DAD_IMAGE
+
+    pipeline, _ = spec
+    launcher = _by_display_name(pipeline)["train-student-launcher"]["inputs"]["parameters"]
+    assert launcher["job"]["runtimeValue"]["constant"] == {
+        "image": DAD_IMAGE, "namespace": "{{$.inputs.parameters['pipelinechannel--namespace']}}",
+        "runtime": "{{$.inputs.parameters['pipelinechannel--training_runtime']}}"}
+    assert launcher["mounts"]["runtimeValue"]["constant"] == {
+        "/mnt/dad-work": "{{$.inputs.parameters['pipelinechannel--cache_pvc']}}"}
+
+
+def test_every_step_runs_the_project_image(spec):
+    from components._image import DAD_IMAGE
+
+    pipeline, _ = spec
+    containers = [e["container"] for e in pipeline["deploymentSpec"]["executors"].values() if "container" in e]
+    assert len(containers) >= 11
+    for container in containers:
+        assert container["image"] == DAD_IMAGE
+        assert "pip install" not in " ".join(container["command"])  # install_kfp_package=False, no packages
+
+
+def test_parse_params():
+    from pipelines.dad_pipeline import UsageError, parse_params
+
+    args = parse_params(["num_shards=4", "train.epochs=2", 'gpu_node_selector={"pool": "a100"}', "backend=local",
+                         'params=["loss.variant=C"]', "train.lr=0.1"])
+    assert args == {"num_shards": 4, "gpu_node_selector": {"pool": "a100"}, "backend": "local",
+                    "params": ["loss.variant=C", "train.epochs=2", "train.lr=0.1"]}
+    with pytest.raises(UsageError, match="unknown pipeline parameter 'shards'; known: params, "):
+        parse_params(["shards=2"])
+    with pytest.raises(UsageError, match="num_shards=two"):
+        parse_params(["num_shards=two"])
+    with pytest.raises(UsageError, match="train.epoch"):
+        parse_params(["train.epoch=2"])  # the config schema is checked before anything runs
+    with pytest.raises(UsageError, match="not of the form"):
+        parse_params(["num_shards"])
+
+
+def test_compile_applies_parameter_values(tmp_path):
+    path = tmp_path / "p.yaml"
+    assert _run("--compile", "--output", str(path), "--param", "num_shards=8", "--param", "train.epochs=3",
+                cwd=tmp_path).returncode == 0  # runs from any folder
+    pipeline = next(yaml.safe_load_all(path.read_text()))
+    defaults = pipeline["root"]["inputDefinitions"]["parameters"]
+    assert defaults["num_shards"]["defaultValue"] == 8
+    assert defaults["params"]["defaultValue"] == ["train.epochs=3"]
+
+
+def test_unknown_param_is_a_one_line_error(tmp_path):
+    result = _run("--compile", "--output", str(tmp_path / "x.yaml"), "--param", "x=1")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: unknown pipeline parameter 'x'; known: params, teacher_checkpoint")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.yaml").exists()
+
+
+def test_submit_to_a_closed_port_fails_fast():
+    from servers import free_port
+
+    start = time.monotonic()
+    result = _run("--submit", "--host", f"http://127.0.0.1:{free_port()}", timeout=60)
+    assert time.monotonic() - start < 30
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: cannot reach Kubeflow Pipelines at http://127.0.0.1:")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# Small enough for a few minutes on two cores: one epoch each, a quarter of the digits to train on, small suites.
+FAST = ("finetune.epochs=1", "vqgan.train.epochs=1", "train.epochs=1", "data.val_fraction=0.75",
+        "data.suite_per_class=5", "cache.views=1")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_local_run_trains_evaluates_and_registers(tmp_path, mlflow_sqlite_uri):
+    """The whole pipeline under kfp.local: 2 cache workers, torchrun with 2 processes, MLflow in SQLite."""
+    import mlflow
+
+    params = [arg for item in FAST for arg in ("--param", item)]
+    result = _run("--local", "--output-dir", str(tmp_path / "out"), "--param", f"mlflow_tracking_uri={mlflow_sqlite_uri}",
+                  *params, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert "registered model: models:/dad-student/1" in result.stdout
+    assert f"mlflow ui --backend-store-uri {mlflow_sqlite_uri}" in result.stdout
+
+    (run_dir,) = (tmp_path / "out" / "runs").iterdir()
+    report = yaml.safe_load((run_dir / "evaluate-ood" / "evaluation" / "eval_report.json").read_text())
+    assert {"clean_top1", "ood_mean_top1"} <= set(report)
+    assert (run_dir / "evaluate-ood" / "report").read_text().strip()
+    caches = list((tmp_path / "out" / "work" / "cache").iterdir())
+    assert len(caches) == 1 and sorted(p.name for p in caches[0].glob("report-*.json")) == ["report-0.json",
+                                                                                           "report-1.json"]
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_sqlite_uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "dad"]
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    training = runs["student"]
+    assert training.info.status == "FINISHED"
+    assert training.data.params["train.epochs"] == "1" and "val_top1" in training.data.metrics
+    assert {"config.yaml", "report.json", "model"} <= {a.path for a in client.list_artifacts(training.info.run_id)}
+    version = client.get_model_version_by_alias("dad-student", "champion")
+    assert set(version.aliases) == {"challenger", "champion"} and version.version == "1"
+    assert version.tags["dad.metric.ood_mean_top1"] == str(report["ood_mean_top1"])
+    mlflow.set_tracking_uri(mlflow_sqlite_uri)
+    model = mlflow.pytorch.load_model("models:/dad-student@champion")
+    assert sum(p.numel() for p in model.parameters()) > 0

@@ -1,0 +1,153 @@
+"""``dvc.yaml`` for real, in a throw-away git + DVC repository: repro, push/pull (folder and S3), old revisions.
+
+The repository gets copies of ``dvc.yaml``, ``params.yaml`` and ``dad_core/`` (the stages depend on its modules);
+the stages run the installed interpreter. Only the cheap ``prepare`` stage runs (seconds), so the data commands
+name it as their target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("prepare", "finetune_teacher", "train_vqgan", "cache_teacher", "train", "evaluate")
+MANIFEST = "data/digits/manifest.json"
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)  # `python` and `dvc` of this environment
+    return {
+        **os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.com", "HF_HUB_OFFLINE": "1", **(extra or {}),
+    }
+
+
+def _sh(cwd: Path, *cmd: str, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=_env(env), capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def _dvc(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    return _sh(cwd, sys.executable, "-m", "dvc", *args, env=env)
+
+
+def _set_params(repo: Path, **values) -> None:
+    """Edit ``params.yaml`` of the test repository: ``_set_params(repo, data={"seed": 1})``."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, keys in values.items():
+        params[section].update(keys)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def dvc_repo(tmp_path_factory) -> Path:
+    """A git + DVC repository whose ``prepare`` stage ran and was committed as tag ``v1``."""
+    repo = tmp_path_factory.mktemp("dvc") / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(REPO / name, repo / name)
+    shutil.copytree(REPO / "dad_core", repo / "dad_core", ignore=shutil.ignore_patterns("__pycache__"))
+    _set_params(repo, data={"suite_per_class": 2})  # small shifted suites: the stage takes seconds
+    _sh(repo, "git", "init", "-q", "-b", "main")
+    _dvc(repo, "init", "-q")
+    _dvc(repo, "repro", "prepare")
+    _sh(repo, "git", "add", "-A")
+    _sh(repo, "git", "commit", "-q", "-m", "v1")
+    _sh(repo, "git", "tag", "v1")
+    return repo
+
+
+def test_dvc_yaml_declares_every_stage_and_its_lineage():
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert tuple(spec["stages"]) == STAGES
+    for name, stage in spec["stages"].items():
+        module = stage["cmd"].split()[2]
+        assert stage["cmd"].startswith("python -m dad_core.cli."), name  # the CLI the component runs too
+        assert f"{module.replace('.', '/')}.py" in stage["deps"], name
+        assert any(dep.startswith("dad_core/") and "/cli/" not in dep for dep in stage["deps"]), name
+        for key in stage["params"]:
+            node = params
+            for part in key.split("."):
+                assert part in node, f"{name}: params.yaml has no key {key}"
+                node = node[part]
+    metrics = spec["stages"]["evaluate"]["metrics"]
+    assert metrics == [{"runs/eval/eval_report.json": {"cache": False}}]
+    assert "runs/eval/accuracy.png" in spec["stages"]["evaluate"]["plots"][0]
+
+
+def test_repro_prepare_records_params_and_is_up_to_date(dvc_repo):
+    lock = yaml.safe_load((dvc_repo / "dvc.lock").read_text())["stages"]["prepare"]
+    assert lock["params"]["params.yaml"]["data.suite_per_class"] == 2
+    assert {dep["path"] for dep in lock["deps"]} >= {"dad_core/prepare.py", "dad_core/cli/prepare_data.py"}
+    manifest = json.loads((dvc_repo / MANIFEST).read_text())
+    assert manifest["dataset_hash"] and (dvc_repo / "data" / "digits" / "classes.txt").is_file()
+    assert "up to date" in _dvc(dvc_repo, "status", "prepare").lower()
+
+
+def test_push_and_pull_with_a_folder_remote(dvc_repo, tmp_path):
+    clone = tmp_path / "clone"
+    _sh(tmp_path, "git", "clone", "-q", str(dvc_repo), str(clone))
+    _dvc(dvc_repo, "remote", "add", "--local", "folder", str(tmp_path / "remote"))
+    _dvc(dvc_repo, "push", "-r", "folder", "prepare")
+    assert not (clone / MANIFEST).exists()
+    _dvc(clone, "remote", "add", "--local", "folder", str(tmp_path / "remote"))
+    _dvc(clone, "pull", "-r", "folder", "prepare")
+    assert (clone / MANIFEST).read_bytes() == (dvc_repo / MANIFEST).read_bytes()
+    assert "up to date" in _dvc(clone, "status", "prepare").lower()
+
+
+def test_s3_remote_and_an_older_revision(dvc_repo, seaweedfs, tmp_path, monkeypatch):
+    """Push two revisions to SeaweedFS, drop every local copy, then read v1 back and prepare a dataset from it."""
+    import dvc.api
+
+    from dad_core.cli import prepare_data
+
+    bucket, credentials = seaweedfs.create_bucket("dvc-store"), seaweedfs.env()
+    repo = tmp_path / "repo"
+    _sh(tmp_path, "git", "clone", "-q", str(dvc_repo), str(repo))
+    shutil.copytree(dvc_repo / ".dvc" / "cache", repo / ".dvc" / "cache")  # the clone's data, without a remote
+    _dvc(repo, "checkout", "prepare")
+    _dvc(repo, "remote", "add", "-d", "s3", f"s3://{bucket}/store")
+    _dvc(repo, "remote", "modify", "s3", "endpointurl", seaweedfs.endpoint)
+    _sh(repo, "git", "commit", "-q", "-am", "S3 remote")
+    _sh(repo, "git", "tag", "-f", "v1")  # old revisions are read with the remote they name, so v1 names it
+    v1 = (repo / MANIFEST).read_text()
+    _dvc(repo, "push", "prepare", env=credentials)
+    _set_params(repo, data={"seed": 1})  # another split: another dataset
+    _dvc(repo, "repro", "prepare")
+    _sh(repo, "git", "commit", "-q", "-am", "v2")
+    _sh(repo, "git", "tag", "v2")
+    _dvc(repo, "push", "prepare", env=credentials)
+    v2 = (repo / MANIFEST).read_text()
+    assert json.loads(v1)["dataset_hash"] != json.loads(v2)["dataset_hash"]
+
+    shutil.rmtree(repo / ".dvc" / "cache")
+    shutil.rmtree(repo / "data" / "digits")
+    _dvc(repo, "pull", "prepare", env=credentials)
+    assert (repo / MANIFEST).read_text() == v2
+    shutil.rmtree(repo / ".dvc" / "cache")  # from here on, v1 can only come from S3
+
+    for key, value in credentials.items():
+        monkeypatch.setenv(key, value)
+    assert dvc.api.read(MANIFEST, repo=str(repo), rev="v1") == v1
+    out = tmp_path / "from-dvc"
+    argv = ["--source", "dvc", "--dvc-repo", str(repo), "--dvc-rev", "v1", "--dvc-path", "data/digits",
+            "--output", str(out), "--no-progress"]
+    assert prepare_data.main(argv) == 0
+    report = json.loads((tmp_path / "from-dvc.report.json").read_text())
+    assert report["source"]["kind"] == "dvc" and report["source"]["rev"] == "v1"
+    assert report["counts"]["train"] == json.loads(v1)["splits"]["train"]["count"]
+    assert (out / "classes.txt").read_text() == (dvc_repo / "data" / "digits" / "classes.txt").read_text()
