@@ -26,8 +26,15 @@ def shard_indices(num_shards: int) -> list:
 
 
 @dsl.component(base_image=DAD_IMAGE, install_kfp_package=False)
-def cache_teacher(dataset: Input[Dataset], teacher: Input[Model], vqgan: Input[Model], cache_dir: str,
-                  shard_index: int, num_shards: int, params: list) -> str:
+def cache_teacher(
+    dataset: Input[Dataset],
+    teacher: Input[Model],
+    vqgan: Input[Model],
+    cache_dir: str,
+    shard_index: int,
+    num_shards: int,
+    params: list,
+) -> str:
     """Run ``dad cache-teacher`` as worker ``shard_index`` of ``num_shards``; returns its report (JSON).
 
     Finished shards are skipped, so a retried task resumes; the last worker to finish writes ``manifest.json``.
@@ -47,10 +54,10 @@ def cache_teacher(dataset: Input[Dataset], teacher: Input[Model], vqgan: Input[M
 
     shard_index = int(shard_index)  # loop items may arrive as floats
     report = Path(cache_dir) / f"report-{shard_index}.json"
-    overrides = [arg for item in params for arg in ("-p", item)]
-    code = cli.main(["--data-root", dataset.path, "--output", cache_dir, "--teacher-checkpoint", teacher.path,
-                     "--vqgan-checkpoint", vqgan.path, "--shard-index", str(shard_index), "--num-shards",
-                     str(num_shards), "--report", str(report), "--no-progress", *overrides])
+    argv = ["--data-root", dataset.path, "--output", cache_dir, "--report", str(report), "--no-progress"]
+    argv += ["--teacher-checkpoint", teacher.path, "--vqgan-checkpoint", vqgan.path]
+    argv += ["--shard-index", str(shard_index), "--num-shards", str(num_shards)]
+    code = cli.main(argv + [arg for item in params for arg in ("-p", item)])
     if code != 0:
         raise RuntimeError(f"dad cache-teacher (worker {shard_index}) failed with exit code {code}; see the log above")
     return report.read_text()
@@ -75,9 +82,7 @@ def collect_teacher_cache(cache_dir: str, worker_reports: list, teacher_cache: O
         raise RuntimeError(f"{manifest} is missing: the cache is incomplete (a cache_teacher worker did not finish)")
     data = manifest.read_bytes()
     Path(teacher_cache.path).write_bytes(data)
-    info, reports = json.loads(data), [json.loads(r) for r in worker_reports]
-    teacher_cache.metadata.update({
-        "path": cache_dir, "manifest_sha256": hashlib.sha256(data).hexdigest(),
-        "dataset_hash": info["dataset_hash"], "num_samples": info["num_samples"], "num_shards": info["num_shards"],
-        "images_per_s": round(sum(r["images_per_s"] for r in reports), 2),
-    })
+    info, sha256 = json.loads(data), hashlib.sha256(data).hexdigest()
+    teacher_cache.metadata.update({k: info[k] for k in ("dataset_hash", "num_samples", "num_shards")})
+    teacher_cache.metadata.update(path=cache_dir, manifest_sha256=sha256)
+    teacher_cache.metadata["images_per_s"] = round(sum(json.loads(r)["images_per_s"] for r in worker_reports), 2)

@@ -7,8 +7,14 @@ from components._image import DAD_IMAGE
 
 
 @dsl.component(base_image=DAD_IMAGE, install_kfp_package=False)
-def evaluate_ood(dataset: Input[Dataset], student: Input[Model], params: list, evaluation: Output[Artifact],
-                 report: Output[Markdown], metrics: Output[Metrics]) -> float:
+def evaluate_ood(
+    dataset: Input[Dataset],
+    student: Input[Model],
+    params: list,
+    evaluation: Output[Artifact],
+    report: Output[Markdown],
+    metrics: Output[Metrics],
+) -> float:
     """Run ``dad evaluate`` on the student's final checkpoint; returns the mean OOD top-1.
 
     Args:

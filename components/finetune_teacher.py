@@ -1,4 +1,4 @@
-"""``finetune_teacher``: fine-tune the CLIP teacher (zero-shot head as start), and ``use_checkpoint`` for a given one."""
+"""``finetune_teacher``: fine-tune the CLIP teacher from its zero-shot head; ``use_checkpoint``: take a given one."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -23,8 +23,9 @@ def finetune_teacher(dataset: Input[Dataset], params: list, teacher: Output[Mode
 
     report = Path(teacher.path).with_name("finetune_report.json")
     overrides = [arg for item in params for arg in ("-p", item)]
-    code = cli.main(["--data-root", dataset.path, "--output", teacher.path, "--report", str(report), "--no-progress",
-                     *overrides])
+    code = cli.main(
+        ["--data-root", dataset.path, "--output", teacher.path, "--report", str(report), "--no-progress", *overrides]
+    )
     if code != 0:
         raise RuntimeError(f"dad finetune-teacher failed with exit code {code}; its message is in the log above")
     info = json.loads(report.read_text())

@@ -7,8 +7,16 @@ from components._image import DAD_IMAGE
 
 
 @dsl.component(base_image=DAD_IMAGE, install_kfp_package=False)
-def register_model(student: Input[Model], evaluation: Input[Artifact], dataset: Input[Dataset], model_name: str,
-                   mlflow_tracking_uri: str, run_id: str, params: list, registration: Output[Artifact]) -> str:
+def register_model(
+    student: Input[Model],
+    evaluation: Input[Artifact],
+    dataset: Input[Dataset],
+    model_name: str,
+    mlflow_tracking_uri: str,
+    run_id: str,
+    params: list,
+    registration: Output[Artifact],
+) -> str:
     """Run ``dad register``; returns the new version's URI (``models:/<name>/<version>``).
 
     The first version of a model also becomes ``champion``; later ones wait for ``dad promote``.
@@ -29,10 +37,10 @@ def register_model(student: Input[Model], evaluation: Input[Artifact], dataset: 
     from dad_core.cli import register as cli
 
     tags = {"dad.pipeline_run_id": run_id, "dad.dataset_hash": dataset.metadata.get("dataset_hash", "")}
-    code = cli.main(["--checkpoint", str(Path(student.path) / "model"), "--name", model_name, "--alias", "challenger",
-                     "--eval-report", str(Path(evaluation.path) / "eval_report.json"), "--output", registration.path,
-                     "--tracking-uri", mlflow_tracking_uri, *[f"--tag={k}={v}" for k, v in tags.items() if v],
-                     *[arg for item in params for arg in ("-p", item)]])
+    argv = ["--checkpoint", str(Path(student.path) / "model"), "--name", model_name, "--alias", "challenger"]
+    argv += ["--eval-report", str(Path(evaluation.path) / "eval_report.json"), "--output", registration.path]
+    argv += ["--tracking-uri", mlflow_tracking_uri, *[f"--tag={k}={v}" for k, v in tags.items() if v]]
+    code = cli.main(argv + [arg for item in params for arg in ("-p", item)])
     if code != 0:
         raise RuntimeError(f"dad register failed with exit code {code}; its message is in the log above")
     result = json.loads(Path(registration.path).read_text())

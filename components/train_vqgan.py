@@ -23,8 +23,9 @@ def train_vqgan(dataset: Input[Dataset], params: list, vqgan: Output[Model], met
 
     report = Path(vqgan.path).with_name("vqgan_report.json")
     overrides = [arg for item in params for arg in ("-p", item)]
-    code = cli.main(["--data-root", dataset.path, "--output", vqgan.path, "--report", str(report), "--no-progress",
-                     *overrides])
+    code = cli.main(
+        ["--data-root", dataset.path, "--output", vqgan.path, "--report", str(report), "--no-progress", *overrides]
+    )
     if code != 0:
         raise RuntimeError(f"dad train-vqgan failed with exit code {code}; its message is in the log above")
     info = json.loads(report.read_text())

@@ -145,7 +145,9 @@ class VQGANTrainConfig:
 
 @dataclass(frozen=True)
 class VQGANConfig:
-    config: str = "tiny-f4"  # named architecture: f8-16384 (the paper's) | f16-1024 | f16-16384 | tiny-f4
+    # The architecture, also of the checkpoint: f8-16384 (the paper's, latent-diffusion vq-f8) | f16-1024 |
+    # f16-16384 (taming ImageNet) | tiny-f4 (the embedded defaults, trained by train-vqgan)
+    config: str = "tiny-f4"
     checkpoint: str | None = None  # taming/latent-diffusion .ckpt, state dict .pt/.pth, or .safetensors
     train: VQGANTrainConfig = field(default_factory=VQGANTrainConfig)
 
@@ -176,6 +178,7 @@ class CacheConfig:
     shard_size: int = 256  # images per shard; a killed run loses at most the shard in flight
     batch_size: int = 128
     seed: int = 0
+    compile: bool = False  # torch.compile the teacher and the VQGAN (GPU; pays off on long runs)
 
     def __post_init__(self) -> None:
         _check(self.views >= 0, "views", "must be >= 0")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,19 +59,23 @@ class CacheMismatchError(DADError):
 
 
 def open_split(data_root: str | Path, split: str, transform=None) -> ImageFolderDataset:
-    """The ``train``/``val`` split of a prepared dataset, labelled by its ``classes.txt``."""
+    """The ``train``/``val`` split of a prepared dataset, labelled by its ``classes.txt``.
+
+    The samples are the ``<split>/<class id>/<file>`` entries of the manifest's ``files``, under ``manifest["root"]``
+    (the tree itself for the digits; the referenced source folder or DVC checkout otherwise, without the files
+    prepare-data skipped), ordered as :func:`~dad_core.data.scan_image_folder` orders them. A tree without a
+    manifest is scanned.
+    """
     data_root = Path(data_root)
     classes = read_classes(data_root / "classes.txt")
-    manifest = _read_json(data_root / "manifest.json")
-    source = data_root / split
-    split_info = (manifest or {}).get("splits", {}).get(split, {})
-    if not source.is_dir() and split_info.get("root"):  # a folder dataset referenced in place, not copied
-        source = Path(split_info["root"])
-    if split_info.get("files"):
-        index = classes.index()
-        samples = [(rel, index[rel.split("/")[0]]) for rel in split_info["files"]]
-        return ImageFolderDataset(source, samples, transform)
-    return ImageFolderDataset.from_folder(source, classes, transform)
+    manifest = _read_json(data_root / "manifest.json") or {}
+    prefix = f"{split}/"
+    files = [rel[len(prefix):] for rel in manifest.get("files", {}) if rel.startswith(prefix)]
+    if not files:
+        return ImageFolderDataset.from_folder(data_root / split, classes, transform)
+    index = classes.index()
+    samples = sorted(((rel, index[rel.split("/")[0]]) for rel in files), key=lambda s: (s[1], s[0]))
+    return ImageFolderDataset(data_root / manifest.get("root", ".") / split, samples, transform)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -134,15 +139,17 @@ def _to_uint8(images: Tensor) -> Tensor:
 def _make_shard(teacher: nn.Module, vqgan: Discretizer, dataset: ImageFolderDataset, indices: list[int],
                 cfg: DADConfig, shard_id: int, device: torch.device) -> dict[str, Tensor]:
     """Compute one shard in memory: clean + DAD images, labels, soft labels, and R views of each."""
+    from torch.utils.data import DataLoader, Subset
+
     gen = torch.Generator(device=device).manual_seed(cfg.cache.seed * 100_003 + shard_id)
     rng = np.random.default_rng([cfg.cache.seed, shard_id])
     on_gpu = device.type == "cuda"
-    T, k, size = cfg.loss.temperature, cfg.cache.topk, cfg.data.image_size
+    T, k = cfg.loss.temperature, cfg.cache.topk
+    loader = DataLoader(Subset(dataset, indices), batch_size=cfg.cache.batch_size, num_workers=cfg.data.num_workers,
+                        pin_memory=on_gpu)
     out: dict[str, list[Tensor]] = {key: [] for key in ("clean", "dad", "labels")}
-    for start in range(0, len(indices), cfg.cache.batch_size):
-        batch = [dataset[i] for i in indices[start:start + cfg.cache.batch_size]]
-        images = torch.stack([img for img, _ in batch]).to(device)
-        labels = torch.tensor([label for _, label in batch], device=device)
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if on_gpu:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
@@ -154,29 +161,46 @@ def _make_shard(teacher: nn.Module, vqgan: Discretizer, dataset: ImageFolderData
     shard["indices"] = torch.tensor(indices, dtype=torch.int64)
     # Soft labels on exactly the stored (uint8) pixels, so replay at training time sees the same input.
     for name in ("clean", "dad"):
-        probs = _batched_probs(teacher, shard[name], cfg.cache.batch_size, device, T, on_gpu,
-                               lambda x: x.float() / 255.0)
+        probs = _batched_probs(teacher, shard[name], cfg.cache.batch_size, device, T, on_gpu)
         shard[f"{name}_topv"], shard[f"{name}_topi"] = _topk(probs, k)
     if cfg.cache.views:
         n, _, h, w = shard["clean"].shape
         shard["views"] = sample_views(n, cfg.cache.views, h, w, rng, scale=cfg.train.crop_scale, hflip=cfg.train.hflip)
         for name in ("clean", "dad"):
-            flat = [apply_view(shard[name][i], shard["views"][i, r], size, randaugment=cfg.train.randaugment)
-                    for i in range(n) for r in range(cfg.cache.views)]
-            probs = _batched_probs(teacher, torch.stack(flat), cfg.cache.batch_size, device, T, on_gpu, None)
+            probs = _view_probs(teacher, shard[name], shard["views"], cfg, device, on_gpu)
             values, idx = _topk(probs, k)
             shard[f"view_{name}_topv"] = values.view(n, cfg.cache.views, -1)
             shard[f"view_{name}_topi"] = idx.view(n, cfg.cache.views, -1)
     return shard
 
 
-def _batched_probs(teacher, images: Tensor, batch_size: int, device, T: float, autocast: bool, convert) -> Tensor:
+def _view_probs(teacher: nn.Module, images: Tensor, views: Tensor, cfg: DADConfig, device: torch.device,
+                autocast: bool) -> Tensor:
+    """Teacher probabilities on every stored view, ``[N * R, K]``, built batch by batch on the device."""
+    pairs = [(i, r) for i in range(views.shape[0]) for r in range(views.shape[1])]
+    images = images.to(device)
+    chunks = []
+    for start in range(0, len(pairs), cfg.cache.batch_size):
+        batch = torch.stack([apply_view(images[i], views[i, r], cfg.data.image_size, randaugment=cfg.train.randaugment)
+                             for i, r in pairs[start:start + cfg.cache.batch_size]])
+        chunks.append(_teacher_probs(teacher, batch, cfg.loss.temperature, autocast).float().cpu())
+    return torch.cat(chunks)
+
+
+def _batched_probs(teacher, images: Tensor, batch_size: int, device, T: float, autocast: bool) -> Tensor:
+    """Teacher probabilities on uint8 images ``[N, 3, H, W]``, batch by batch."""
     chunks = []
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
-        x = (convert(x) if convert else x).to(device)
+        x = images[start:start + batch_size].to(device).float() / 255.0
         chunks.append(_teacher_probs(teacher, x, T, autocast).float().cpu())
     return torch.cat(chunks)
+
+
+def _save(shard: dict[str, Tensor], path: Path) -> None:
+    # Through a file object: given a path, torch names the archive's records after the (random) temporary file
+    # name, and the same shard would get another sha256 on every run.
+    with open(path, "wb") as handle:
+        torch.save(shard, handle)
 
 
 def _shard_paths(root: Path, shard_id: int) -> tuple[Path, Path]:
@@ -187,6 +211,23 @@ def _shard_is_valid(root: Path, shard_id: int) -> bool:
     data, sidecar = _shard_paths(root, shard_id)
     info = _read_json(sidecar)
     return bool(info) and data.is_file() and sha256_file(data) == info.get("sha256")
+
+
+def _compiled(teacher: nn.Module, vqgan: Discretizer) -> tuple[nn.Module, Discretizer]:
+    """``torch.compile`` the teacher (forward and the attack's backward) and the VQGAN's encoder and decoder."""
+    teacher = torch.compile(teacher)
+    for name in ("encoder", "decoder"):
+        if isinstance(getattr(vqgan, name, None), nn.Module):
+            setattr(vqgan, name, torch.compile(getattr(vqgan, name)))
+    return teacher, vqgan
+
+
+def _write_shard(root: Path, shard_id: int, start: int, shard: dict[str, Tensor]) -> None:
+    """Save a shard atomically, then its sidecar: a shard counts as done only once the sidecar exists."""
+    data_path, sidecar = _shard_paths(root, shard_id)
+    atomic_path(data_path, lambda tmp: torch.save(shard, tmp))
+    atomic_write_json(sidecar, {"shard": shard_id, "start": start, "count": len(shard["labels"]),
+                                "sha256": sha256_file(data_path)})
 
 
 def _check_deps(root: Path, deps: dict[str, Any]) -> None:
@@ -243,6 +284,8 @@ def cache_teacher(
                               vqgan_checkpoint_sha256=vqgan_checkpoint_sha256)
     _check_deps(root, deps)
     dataset = open_split(data_root, "train", create_eval_transform(cfg.data.image_size))
+    if cfg.cache.compile:
+        teacher, vqgan = _compiled(teacher, vqgan)
     total_shards = (len(dataset) + cfg.cache.shard_size - 1) // cfg.cache.shard_size
     mine = list(range(shard_index, total_shards, num_shards))
     written, skipped, images, start = [], [], 0, time.perf_counter()
@@ -254,7 +297,7 @@ def cache_teacher(
         indices = list(range(lo, min(lo + cfg.cache.shard_size, len(dataset))))
         shard = _make_shard(teacher, vqgan, dataset, indices, cfg, shard_id, device)
         data_path, sidecar = _shard_paths(root, shard_id)
-        atomic_path(data_path, lambda tmp, shard=shard: torch.save(shard, tmp))
+        atomic_path(data_path, lambda tmp, shard=shard: _save(shard, tmp))
         atomic_write_json(sidecar, {"shard": shard_id, "start": lo, "count": len(indices),
                                     "sha256": sha256_file(data_path)})
         written.append(shard_id)
@@ -363,6 +406,9 @@ def load_teacher_cache(root: str | Path, *, num_classes: int, expected: dict[str
                 f"config: { {k: want.get(k) for k in diff} if isinstance(want, dict) else want}); rebuild the cache")
     if verify:
         for name, info in manifest["shards"].items():
-            if sha256_file(root / f"{name}.pt") != info["sha256"]:
-                raise CacheMismatchError(f"{root / name}.pt: checksum mismatch; delete it and rerun cache-teacher")
+            path = root / f"{name}.pt"
+            if not path.is_file():
+                raise CacheMismatchError(f"{path}: missing; rerun cache-teacher")
+            if sha256_file(path) != info["sha256"]:
+                raise CacheMismatchError(f"{path}: checksum mismatch; delete it and rerun cache-teacher")
     return TeacherCache(root, manifest, num_classes)

@@ -72,7 +72,8 @@ def _build_optimization(cfg: DADConfig, model: nn.Module, steps_per_epoch: int, 
     from timm.scheduler import create_scheduler_v2
 
     t = cfg.train
-    kwargs = {"foreach": True} if device.type == "cuda" else {}
+    # Fused AdamW/SGD kernels on GPU (one launch for all parameters); timm passes the flag to torch.optim.
+    kwargs = {"fused": True} if device.type == "cuda" and t.optimizer.lower() in ("adamw", "adam", "sgd") else {}
     optimizer = create_optimizer_v2(model, opt=t.optimizer, lr=t.lr, weight_decay=t.weight_decay, **kwargs)
     scheduler, _ = create_scheduler_v2(optimizer, sched=t.sched, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
                                        min_lr=t.min_lr, updates_per_epoch=steps_per_epoch, warmup_lr=t.lr * 0.01)

@@ -82,16 +82,23 @@ def apply_view(image: Tensor, view: Tensor | ViewSpec, size: int, *, randaugment
 
 
 def _photometric(x: Tensor, seed: int, randaugment: str) -> Tensor:
-    """timm RandAugment on a PIL image, with Python's RNG seeded so the same seed gives the same op."""
+    """timm RandAugment on a PIL image, with the global RNGs it draws from seeded so the same seed gives the same op.
+
+    timm picks the ops with NumPy's global RNG and their magnitudes and probabilities with Python's: both are
+    seeded here and restored afterwards, so the caller's random streams are left as they were.
+    """
     from PIL import Image
     from timm.data.auto_augment import rand_augment_transform
 
     transform = rand_augment_transform(randaugment, {"translate_const": int(x.shape[-1] * 0.45)})
+    device, x = x.device, x.cpu()
     pil = Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    state = random.getstate()
+    state, np_state = random.getstate(), np.random.get_state()
     random.seed(seed)
+    np.random.seed(seed % 2**32)
     try:
         out = transform(pil)
     finally:
         random.setstate(state)
-    return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        np.random.set_state(np_state)
+    return (torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0).to(device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -259,15 +260,16 @@ class VQGAN(nn.Module):
 
     Attributes:
         config: the resolved architecture dict (taming ``ddconfig`` keys plus ``n_embed``/``embed_dim``).
-        config_name: the named config it came from, or ``None`` for an explicit dict.
+        config_name: the named config this architecture is (also when given as a dict), or ``None``.
         checkpoint_path: the file it was loaded from, or ``None``.
         checkpoint_hash: SHA-256 of that file, or ``None``; for manifests.
     """
 
     def __init__(self, config: str | dict[str, Any] = "tiny-f4") -> None:
         super().__init__()
-        self.config_name = config if isinstance(config, str) else None
         self.config = resolve_vqgan_config(config)
+        named = (name for name, arch in VQGAN_CONFIGS.items() if arch == self.config)
+        self.config_name = config if isinstance(config, str) else next(named, None)
         self.checkpoint_path: str | None = None
         self.checkpoint_hash: str | None = None
         cfg = self.config
@@ -431,7 +433,7 @@ def _read_checkpoint(path: Path, *, weights_only: bool) -> tuple[dict[str, Tenso
         except (SafetensorError, OSError, json.JSONDecodeError) as err:
             raise CheckpointError(f"cannot read safetensors file {path}: {err}") from err
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+        obj = _load_weights_only(path) if weights_only else torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # pickle and zip errors come in many types; all mean "this file cannot be used"
         hint = " (if the file is trusted, load it with weights_only=False)" if weights_only else ""
         raise CheckpointError(f"cannot read VQGAN checkpoint {path}: {err}{hint}") from err
@@ -440,3 +442,26 @@ def _read_checkpoint(path: Path, *, weights_only: bool) -> tuple[dict[str, Tenso
     if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
         return obj, None
     raise CheckpointError(f"{path}: expected a state dict or a dict with 'state_dict', got {type(obj).__name__}")
+
+
+class _Placeholder:
+    """Stands in for a class a checkpoint names outside its weights; none of that class's code runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _load_weights_only(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; classes outside the weights (Lightning hyper-parameters, callbacks) load
+    as inert placeholders instead of failing, so published checkpoints load without trusting their pickles."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    _logger.warning("%s: loading %d non-tensor classes as placeholders: %s", path, len(names), names[:10])
+    stubs = [(type(name.rsplit(".", 1)[-1], (_Placeholder,), {}), name) for name in names]
+    with torch.serialization.safe_globals(stubs):
+        return torch.load(path, map_location="cpu", weights_only=True)

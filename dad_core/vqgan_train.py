@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dad_core.config import VQGANConfig, VQGANTrainConfig
 from dad_core.distributed import is_primary, resolve_device, set_seed
+from dad_core.errors import DADError
 from dad_core.io import sha256_file
 from dad_core.vqgan import VQGAN
 
@@ -157,14 +158,25 @@ def _train_step(model: VQGAN, images: Tensor, step: int, state: dict[str, Any], 
 @torch.no_grad()
 def evaluate_vqgan(
     model: VQGAN, dataset: Dataset, *, batch_size: int = 256, device: torch.device | None = None
-) -> dict:
-    """Reconstruction quality and codebook use of ``model.reconstruct`` on a data set of ``(image in [0, 1], label)``.
+) -> dict[str, float | int]:
+    """Reconstruction quality and codebook use of ``model.reconstruct``.
+
+    Args:
+        model: the VQGAN to score.
+        dataset: yields ``(image [3, H, W] in [0, 1], label)``.
+        batch_size: images per forward pass.
+        device: where to run; None = the model's device.
 
     Returns:
         ``psnr_db``: mean over images of ``10 log10(1 / MSE)`` on ``[0, 1]`` pixels; ``codebook_usage``: fraction
         of codes chosen at least once; ``perplexity``: ``exp`` of the entropy of the code histogram (the effective
-        number of codes); ``images``: how many were scored.
+        number of codes in use); ``images``: how many were scored.
+
+    Raises:
+        DADError: the data set is empty.
     """
+    if len(dataset) == 0:
+        raise DADError("evaluate_vqgan: the data set is empty")
     device = device or next(model.parameters()).device
     counts = torch.zeros(model.config["n_embed"], dtype=torch.long, device=device)
     psnrs = []
@@ -174,13 +186,12 @@ def evaluate_vqgan(
         counts += torch.bincount(indices.flatten(), minlength=counts.numel())
         mse = (model.reconstruct(images) - images).pow(2).flatten(1).mean(dim=1)
         psnrs.append(10 * torch.log10(1 / mse.clamp_min(1e-10)))
-    probs = counts.double() / counts.sum()
-    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    probs = counts[counts > 0].double() / counts.sum()
     return {
         "psnr_db": float(torch.cat(psnrs).mean()),
         "codebook_usage": float((counts > 0).double().mean()),
-        "perplexity": float(entropy.exp()),
-        "images": int(counts.sum() // indices[0].numel()),
+        "perplexity": float(torch.exp(-(probs * probs.log()).sum())),
+        "images": sum(len(p) for p in psnrs),
     }
 
 
@@ -231,7 +242,12 @@ def train_vqgan(
     Returns:
         A JSON-ready report: epochs, steps, images/s, final losses, ``val`` metrics (see :func:`evaluate_vqgan`),
         the split they were computed on, codes restarted, output path and its SHA-256.
+
+    Raises:
+        DADError: the training set is empty.
     """
+    if len(dataset) == 0:
+        raise DADError("train_vqgan: the training set is empty")
     tcfg = cfg.train
     set_seed(tcfg.seed)
     dev = torch.device(device) if device is not None else resolve_device()

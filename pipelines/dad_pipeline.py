@@ -1,4 +1,4 @@
-"""The DAD pipeline: prepare data, [fine-tune the teacher], [train a VQGAN], cache the teacher, train, evaluate, register.
+"""The DAD pipeline: prepare data, [fine-tune teacher], [train VQGAN], cache the teacher, train, evaluate, register.
 
     python pipelines/dad_pipeline.py --compile [--output dad_pipeline.yaml] [--param KEY=VALUE ...]
     python pipelines/dad_pipeline.py --submit --host URL [--experiment NAME] [--run-name NAME] [--param ...]
@@ -57,7 +57,16 @@ from components.train_student import train_student  # noqa: E402
 from components.train_vqgan import train_vqgan  # noqa: E402
 from pipelines import platform  # noqa: E402
 
-__all__ = ["DATASETS_MOUNT", "GPU", "GPUS_PER_STEP", "GPU_TOLERATIONS", "LOCAL_DEFAULTS", "WORK_MOUNT", "dad_pipeline", "main"]
+__all__ = [
+    "DATASETS_MOUNT",
+    "GPU",
+    "GPUS_PER_STEP",
+    "GPU_TOLERATIONS",
+    "LOCAL_DEFAULTS",
+    "WORK_MOUNT",
+    "dad_pipeline",
+    "main",
+]
 
 PIPELINE_NAME = "dad-pipeline"
 GPU = "nvidia.com/gpu"
@@ -157,18 +166,31 @@ def dad_pipeline(  # noqa: PLR0913 - one parameter per user-facing knob
     cache_dir = f"{workdir}/cache/{run_id}"
     shards = _client_pod(shard_indices(num_shards=num_shards))
     with dsl.ParallelFor(shards.output, name="cache-workers") as shard_index:
-        worker = gpu_step(cache_teacher, teacher=teacher.output, vqgan=vqgan.output, cache_dir=cache_dir,
-                          shard_index=shard_index, num_shards=num_shards)
+        worker = gpu_step(
+            cache_teacher,
+            teacher=teacher.output,
+            vqgan=vqgan.output,
+            cache_dir=cache_dir,
+            shard_index=shard_index,
+            num_shards=num_shards,
+        )
         kubernetes.mount_pvc(worker, cache_pvc, WORK_MOUNT)
     collect = _client_pod(collect_teacher_cache(cache_dir=cache_dir, worker_reports=dsl.Collected(worker.output)))
     kubernetes.mount_pvc(collect, cache_pvc, WORK_MOUNT)
 
     inputs = {
-        "dataset": dataset, "teacher_cache": collect.outputs["teacher_cache"], "params": params,
-        "mlflow_tracking_uri": mlflow_tracking_uri, "nproc_per_node": nproc_per_node, "num_nodes": num_nodes,
-        "gpus_per_node": gpus_per_node, "workdir": workdir, "run_id": run_id,
+        "dataset": dataset,
+        "teacher_cache": collect.outputs["teacher_cache"],
+        "params": params,
+        "mlflow_tracking_uri": mlflow_tracking_uri,
+        "nproc_per_node": nproc_per_node,
+        "num_nodes": num_nodes,
+        "gpus_per_node": gpus_per_node,
+        "workdir": workdir,
+        "run_id": run_id,
         "job": {"image": DAD_IMAGE, "namespace": namespace, "runtime": training_runtime},
-        "mounts": {WORK_MOUNT: cache_pvc}, **gpu,
+        "mounts": {WORK_MOUNT: cache_pvc},
+        **gpu,
     }
     with dsl.If(backend == "kubernetes", name="train-on-kubeflow-trainer"):
         launcher = _client_pod(train_student(backend=backend, **inputs), s3_secret)
@@ -178,14 +200,25 @@ def dad_pipeline(  # noqa: PLR0913 - one parameter per user-facing knob
         in_step = _on_gpu(_client_pod(train_student(backend=backend, **inputs), s3_secret), gpus_per_node, **gpu)
         in_step.set_display_name("train-student")
         kubernetes.mount_pvc(in_step, cache_pvc, WORK_MOUNT)
-    student = dsl.importer(artifact_uri=dsl.OneOf(launcher.outputs["Output"], in_step.outputs["Output"]),
-                           artifact_class=dsl.Model, reimport=False).set_display_name("import-student")
+    student = dsl.importer(
+        artifact_uri=dsl.OneOf(launcher.outputs["Output"], in_step.outputs["Output"]),
+        artifact_class=dsl.Model,
+        reimport=False,
+    ).set_display_name("import-student")
 
     evaluation = gpu_step(evaluate_ood, student=student.output)
-    registered = _client_pod(register_model(
-        student=student.output, evaluation=evaluation.outputs["evaluation"], dataset=dataset, model_name=model_name,
-        mlflow_tracking_uri=mlflow_tracking_uri, run_id=run_id, params=params,
-    ), s3_secret)
+    registered = _client_pod(
+        register_model(
+            student=student.output,
+            evaluation=evaluation.outputs["evaluation"],
+            dataset=dataset,
+            model_name=model_name,
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            run_id=run_id,
+            params=params,
+        ),
+        s3_secret,
+    )
     return registered.outputs["Output"]
 
 
@@ -231,8 +264,10 @@ def parse_params(items: list[str]) -> dict[str, Any]:
         if "." in key:
             overrides.append(f"{key}={raw}")
         elif key not in known:
-            raise UsageError(f"unknown pipeline parameter {key!r}; known: {', '.join(known)} "
-                             "(dotted config keys such as train.epochs=2 go to params)")
+            raise UsageError(
+                f"unknown pipeline parameter {key!r}; known: {', '.join(known)} "
+                "(dotted config keys such as train.epochs=2 go to params)"
+            )
         else:
             arguments[key] = _coerce(key, raw, known[key][0])
     if overrides:
@@ -266,8 +301,10 @@ def _stable_header(text: str, arguments: dict[str, Any]) -> str:
     for name, (kind, default) in pipeline_parameters().items():
         prefix = f"#    {name}: {kind.__name__} [Default: "
         if kind in (list, dict):
-            lines = [f"{prefix}{_sorted(arguments.get(name, default))}]\n" if line.startswith(prefix) else line
-                     for line in lines]
+            lines = [
+                f"{prefix}{_sorted(arguments.get(name, default))}]\n" if line.startswith(prefix) else line
+                for line in lines
+            ]
     return "".join(lines)
 
 
@@ -299,8 +336,12 @@ def submit(args: argparse.Namespace, arguments: dict[str, Any]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(Path(tmp) / "dad_pipeline.yaml")
         run = client.create_run_from_pipeline_package(
-            str(package), arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
-            namespace=args.namespace, service_account=args.service_account,
+            str(package),
+            arguments=arguments,
+            run_name=args.run_name,
+            experiment_name=args.experiment,
+            namespace=args.namespace,
+            service_account=args.service_account,
         )
     print(f"submitted run {run.run_id} to {args.host} (experiment {args.experiment!r})")
     return 0
@@ -318,8 +359,12 @@ def run_local(output_dir: Path, arguments: dict[str, Any]) -> int:
         os.environ.setdefault(key, value)
     output_dir = output_dir.resolve()
     db = Path("mlflow.db").resolve()
-    arguments = {**LOCAL_DEFAULTS, "workdir": str(output_dir / "work"), "mlflow_tracking_uri": f"sqlite:///{db}",
-                 **arguments}
+    arguments = {
+        **LOCAL_DEFAULTS,
+        "workdir": str(output_dir / "work"),
+        "mlflow_tracking_uri": f"sqlite:///{db}",
+        **arguments,
+    }
     for key in ("workdir", "teacher_checkpoint", "vqgan_checkpoint"):
         arguments[key] = _absolute(arguments.get(key, ""))
     Path(arguments["workdir"]).mkdir(parents=True, exist_ok=True)
@@ -346,8 +391,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--compile", action="store_true", help="write the pipeline spec")
     mode.add_argument("--submit", action="store_true", help="start a run on a Kubeflow Pipelines backend")
     mode.add_argument("--local", action="store_true", help="run the whole pipeline on this machine (kfp.local)")
-    parser.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
-                        help="pipeline parameter, or a dotted config override such as train.epochs=2 (repeatable)")
+    parser.add_argument(
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pipeline parameter, or a dotted config override such as train.epochs=2 (repeatable)",
+    )
     parser.add_argument("--output", type=Path, default=Path("dad_pipeline.yaml"), help="--compile: spec file")
     parser.add_argument("--host", help="--submit: the Kubeflow Pipelines API, e.g. http://localhost:8080")
     parser.add_argument("--experiment", default="dad", help="--submit: experiment name")

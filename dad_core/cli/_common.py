@@ -32,6 +32,15 @@ def config_from_args(args: argparse.Namespace) -> DADConfig:
     return load_config(path, args.params)
 
 
+def _quiet_open_clip(record: logging.LogRecord) -> bool:
+    """open_clip logs its model-building steps on the root logger at INFO, and warns about random weights that we
+    ask for on purpose (the teacher is then fine-tuned or loaded from a checkpoint): keep the rest."""
+    if "open_clip" not in record.pathname:
+        return True
+    return record.levelno > logging.WARNING or (
+        record.levelno == logging.WARNING and "No pretrained weights loaded" not in record.getMessage())
+
+
 def setup_logging(primary: bool = True, level: int = logging.INFO) -> None:
     """Log to stderr on the primary rank; warnings only elsewhere."""
     logging.basicConfig(
@@ -40,6 +49,8 @@ def setup_logging(primary: bool = True, level: int = logging.INFO) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_open_clip)
 
 
 def write_report(report: dict[str, Any], path: Path) -> Path:

@@ -47,14 +47,14 @@ def _body(argv: list[str] | None) -> int:
     setup_logging()
     device = resolve_device(args.device)
     data_root, output = args.data_root or Path(cfg.data.root), args.output or Path(cfg.cache.root)
-    classes = read_classes(data_root / "classes.txt")
     t, v = cfg.teacher, cfg.vqgan
-    teacher = create_clip_teacher(t.model_name, t.pretrained, t.checkpoint, list(classes.names), t.templates,
-                                  device=device)
-    if not v.checkpoint and cfg.attack.mode != "none":
+    if not v.checkpoint and cfg.attack.mode != "none":  # before loading anything: a ViT-L teacher takes minutes
         raise ConfigError("vqgan.checkpoint: DAD samples need a trained VQGAN (a random one turns images into noise); "
                           "run `dad train-vqgan` or pass a published checkpoint with --vqgan-checkpoint")
-    vqgan = VQGAN.from_checkpoint(v.checkpoint).to(device).eval() if v.checkpoint else IdentityDiscretizer()
+    classes = read_classes(data_root / "classes.txt")
+    teacher = create_clip_teacher(t.model_name, t.pretrained, t.checkpoint, list(classes.names), t.templates,
+                                  device=device)
+    vqgan = VQGAN.from_checkpoint(v.checkpoint, config=v.config).to(device).eval() if v.checkpoint else IdentityDiscretizer()
     local = lambda p: sha256_file(Path(p)) if p and Path(p).is_file() else None  # noqa: E731
     report = cache_teacher(cfg, data_root, output, teacher, vqgan, shard_index=args.shard_index,
                            num_shards=args.num_shards, device=device, teacher_checkpoint_sha256=local(t.checkpoint),

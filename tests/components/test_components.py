@@ -112,12 +112,22 @@ def test_shard_indices():
 
 def test_cache_teacher_worker_writes_into_the_shared_folder(tmp_path, monkeypatch):
     cache_dir = tmp_path / "work" / "cache" / "run-1"
-    calls = _fake_cli(monkeypatch, "cache_teacher",
-                      lambda argv: _write_json(_value(argv, "--report"), {"images_per_s": 5.0, "complete": False}))
+    calls = _fake_cli(
+        monkeypatch,
+        "cache_teacher",
+        lambda argv: _write_json(_value(argv, "--report"), {"images_per_s": 5.0, "complete": False}),
+    )
     teacher, vqgan = Model(uri=str(tmp_path / "teacher.pt")), Model(uri=str(tmp_path / "vqgan.ckpt"))
 
-    out = cache_teacher.python_func(dataset=Dataset(uri=str(tmp_path / "d")), teacher=teacher, vqgan=vqgan,
-                                    cache_dir=str(cache_dir), shard_index=1.0, num_shards=2, params=["cache.views=1"])
+    out = cache_teacher.python_func(
+        dataset=Dataset(uri=str(tmp_path / "d")),
+        teacher=teacher,
+        vqgan=vqgan,
+        cache_dir=str(cache_dir),
+        shard_index=1.0,
+        num_shards=2,
+        params=["cache.views=1"],
+    )
 
     (argv,) = calls
     assert _value(argv, "--output") == str(cache_dir)
@@ -135,8 +145,7 @@ def test_collect_teacher_cache_points_at_the_shared_folder(tmp_path):
     Path(artifact.path).parent.mkdir()  # the executor makes the output's folder
     reports = [json.dumps({"images_per_s": 2.5}), json.dumps({"images_per_s": 3.0})]
 
-    collect_teacher_cache.python_func(cache_dir=str(tmp_path / "cache"), worker_reports=reports,
-                                      teacher_cache=artifact)
+    collect_teacher_cache.python_func(cache_dir=str(tmp_path / "cache"), worker_reports=reports, teacher_cache=artifact)
 
     assert json.loads(Path(artifact.path).read_text()) == manifest
     meta = artifact.metadata
@@ -146,8 +155,9 @@ def test_collect_teacher_cache_points_at_the_shared_folder(tmp_path):
 
 def test_collect_teacher_cache_refuses_an_unfinished_cache(tmp_path):
     with pytest.raises(RuntimeError, match="incomplete"):
-        collect_teacher_cache.python_func(cache_dir=str(tmp_path), worker_reports=[],
-                                          teacher_cache=Dataset(uri=str(tmp_path / "out")))
+        collect_teacher_cache.python_func(
+            cache_dir=str(tmp_path), worker_reports=[], teacher_cache=Dataset(uri=str(tmp_path / "out"))
+        )
 
 
 def _train_inputs(tmp_path: Path, backend: str) -> dict:
@@ -157,12 +167,21 @@ def _train_inputs(tmp_path: Path, backend: str) -> dict:
     cache = Dataset(uri=str(tmp_path / "collect" / "teacher_cache"))
     cache.metadata["path"] = str(tmp_path / "work" / "cache" / "run-7")
     return {
-        "dataset": Dataset(uri=str(data)), "teacher_cache": cache, "params": ["train.epochs=1"],
-        "mlflow_tracking_uri": "sqlite:///x.db", "backend": backend, "nproc_per_node": 2, "num_nodes": 2,
-        "gpus_per_node": 4, "workdir": str(tmp_path / "work"), "run_id": "run-7",
+        "dataset": Dataset(uri=str(data)),
+        "teacher_cache": cache,
+        "params": ["train.epochs=1"],
+        "mlflow_tracking_uri": "sqlite:///x.db",
+        "backend": backend,
+        "nproc_per_node": 2,
+        "num_nodes": 2,
+        "gpus_per_node": 4,
+        "workdir": str(tmp_path / "work"),
+        "run_id": "run-7",
         "job": {"image": "img:1", "namespace": "dad", "runtime": "dad-torch-distributed"},
-        "mounts": {"/mnt/dad-work": "dad-teacher-cache"}, "tolerations": [{"key": "nvidia.com/gpu"}],
-        "node_selector": {"pool": "gpu"}, "student": Model(uri=str(tmp_path / "train" / "student")),
+        "mounts": {"/mnt/dad-work": "dad-teacher-cache"},
+        "tolerations": [{"key": "nvidia.com/gpu"}],
+        "node_selector": {"pool": "gpu"},
+        "student": Model(uri=str(tmp_path / "train" / "student")),
         "metrics": Metrics(uri=str(tmp_path / "train" / "metrics")),
     }
 
@@ -176,8 +195,9 @@ def _fake_launcher(monkeypatch) -> list[dict]:
         calls.append(kwargs)
         output = Path(_value(list(kwargs["train_args"]), "--output"))
         (output / "model").mkdir(parents=True, exist_ok=True)
-        _write_json(output / "report.json", {"val_top1": 88.0, "images_per_s": 120.0, "steps": 10, "epochs": 1,
-                                             "world_size": 2})
+        _write_json(
+            output / "report.json", {"val_top1": 88.0, "images_per_s": 120.0, "steps": 10, "epochs": 1, "world_size": 2}
+        )
 
     monkeypatch.setattr(dad_core.launch, "launch_training", launch_training)
     return calls
@@ -197,8 +217,14 @@ def test_train_student_local_runs_torchrun_into_the_artifact(tmp_path, monkeypat
     assert _value(args, "--output") == inputs["student"].path and "--resume" in args
     assert _overrides(args) == ["train.epochs=1", "tracking.uri=sqlite:///x.db"]
     assert uri == inputs["student"].uri
-    assert inputs["student"].metadata == {"val_top1": 88.0, "steps": 10, "epochs": 1, "world_size": 2}
-    assert inputs["metrics"].metadata == {"student_val_top1": 88.0, "student_images_per_s": 120.0}
+    assert inputs["student"].metadata == {
+        "val_top1": 88.0,
+        "images_per_s": 120.0,
+        "steps": 10,
+        "epochs": 1,
+        "world_size": 2,
+    }
+    assert inputs["metrics"].metadata == {"student_val_top1": 88.0}
 
 
 def test_train_student_kubernetes_stages_on_the_shared_volume(tmp_path, monkeypatch):
@@ -214,8 +240,12 @@ def test_train_student_kubernetes_stages_on_the_shared_volume(tmp_path, monkeypa
     stage = tmp_path / "work" / "runs" / "run-7"
     assert _value(args, "--data-root") == str(stage / "data") and (stage / "data" / "classes.txt").is_file()
     assert _value(args, "--output") == str(stage / "train")
-    assert (job.name, job.image, job.namespace, job.runtime) == (job_name("run-7"), "img:1", "dad",
-                                                                 "dad-torch-distributed")
+    assert (job.name, job.image, job.namespace, job.runtime) == (
+        job_name("run-7"),
+        "img:1",
+        "dad",
+        "dad-torch-distributed",
+    )
     assert (job.num_nodes, job.gpus_per_node) == (2, 4)
     assert dict(job.pvc_mounts) == {"dad-teacher-cache": "/mnt/dad-work"}
     assert list(job.tolerations) == [{"key": "nvidia.com/gpu"}] and dict(job.node_selector) == {"pool": "gpu"}
@@ -234,8 +264,14 @@ def test_evaluate_ood_logs_every_numeric_value(tmp_path, monkeypatch):
     evaluation, report = Artifact(uri=str(tmp_path / "ev" / "evaluation")), Markdown(uri=str(tmp_path / "ev" / "md"))
     metrics = Metrics(uri=str(tmp_path / "ev" / "metrics"))
 
-    mean = evaluate_ood.python_func(dataset=dataset, student=student, params=["eval.batch_size=8"],
-                                    evaluation=evaluation, report=report, metrics=metrics)
+    mean = evaluate_ood.python_func(
+        dataset=dataset,
+        student=student,
+        params=["eval.batch_size=8"],
+        evaluation=evaluation,
+        report=report,
+        metrics=metrics,
+    )
 
     (argv,) = calls
     assert _value(argv, "--checkpoint") == str(Path(student.path) / "model")
@@ -247,16 +283,27 @@ def test_evaluate_ood_logs_every_numeric_value(tmp_path, monkeypatch):
 
 
 def test_register_model_sets_the_challenger_with_lineage_tags(tmp_path, monkeypatch):
-    result = {"name": "dad-student", "version": "3", "model_uri": "models:/dad-student/3", "run_id": "r1",
-              "aliases": ["challenger"]}
+    result = {
+        "name": "dad-student",
+        "version": "3",
+        "model_uri": "models:/dad-student/3",
+        "run_id": "r1",
+        "aliases": ["challenger"],
+    }
     calls = _fake_cli(monkeypatch, "register", lambda argv: _write_json(_value(argv, "--output"), result))
     dataset = Dataset(uri=str(tmp_path / "dataset"), metadata={"dataset_hash": "abc"})
     registration = Artifact(uri=str(tmp_path / "reg" / "registration"))
 
     uri = register_model.python_func(
-        student=Model(uri=str(tmp_path / "student")), evaluation=Artifact(uri=str(tmp_path / "evaluation")),
-        dataset=dataset, model_name="dad-student", mlflow_tracking_uri="http://mlflow:5000", run_id="run-9",
-        params=[], registration=registration)
+        student=Model(uri=str(tmp_path / "student")),
+        evaluation=Artifact(uri=str(tmp_path / "evaluation")),
+        dataset=dataset,
+        model_name="dad-student",
+        mlflow_tracking_uri="http://mlflow:5000",
+        run_id="run-9",
+        params=[],
+        registration=registration,
+    )
 
     (argv,) = calls
     assert _value(argv, "--checkpoint") == str(tmp_path / "student" / "model")
@@ -265,5 +312,7 @@ def test_register_model_sets_the_challenger_with_lineage_tags(tmp_path, monkeypa
     assert _value(argv, "--tracking-uri") == "http://mlflow:5000"
     assert {"--tag=dad.pipeline_run_id=run-9", "--tag=dad.dataset_hash=abc"} <= set(argv)
     assert uri == "models:/dad-student/3"
-    assert registration.metadata == {**{k: result[k] for k in ("name", "version", "model_uri", "run_id")},
-                                     "aliases": ["challenger"]}
+    assert registration.metadata == {
+        **{k: result[k] for k in ("name", "version", "model_uri", "run_id")},
+        "aliases": ["challenger"],
+    }

@@ -272,11 +272,8 @@ def test_nearest_code_matches_brute_force_in_chunks_and_under_autocast():
     expected = torch.cdist(z, codebook).argmin(dim=1)
     assert torch.equal(nearest_code_indices(z, codebook), expected)
     assert torch.equal(nearest_code_indices(z, codebook, budget=1000), expected)  # 3 rows per chunk
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(
-            nearest_code_indices(z.bfloat16().float(), codebook),
-            nearest_code_indices(z.bfloat16().float(), codebook, budget=7),
-        )
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 matmul here flips ~4% of these choices
+        assert torch.equal(nearest_code_indices(z, codebook), expected)
 
 
 def test_decode_indices_equals_decode_of_codes(small_model):
@@ -300,6 +297,24 @@ def test_lightning_checkpoint_with_loss_keys_loads(small_state, tmp_path):
     assert model.checkpoint_hash == sha256_file(path)
     assert model.checkpoint_path == str(path)
     assert not model.training
+
+
+class _TrainerState:
+    """Stands for what Lightning pickles beside the weights (hyper-parameters, callback state)."""
+
+    def __init__(self, marker):
+        self.lr, self.marker = 4.5e-6, marker
+
+    def __reduce__(self):  # a hostile or merely foreign pickle: would create the marker file if executed
+        return (open, (str(self.marker), "w"))
+
+
+def test_foreign_pickled_objects_load_as_inert_placeholders(small_state, tmp_path):
+    marker = tmp_path / "executed"
+    torch.save({"state_dict": small_state, "hyper_parameters": _TrainerState(marker)}, tmp_path / "pl.ckpt")
+    model = VQGAN.from_checkpoint(tmp_path / "pl.ckpt", config=SMALL)
+    assert not marker.exists()  # nothing from the pickle ran
+    assert torch.equal(model.codebook.weight, small_state["quantize.embedding.weight"])
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

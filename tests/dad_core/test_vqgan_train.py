@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from dad_core.config import VQGANConfig, VQGANTrainConfig
+from dad_core.errors import DADError
 from dad_core.vqgan import VQGAN
 from dad_core.vqgan_train import _restart_dead_codes, evaluate_vqgan, train_vqgan, vqgan_losses
 
@@ -99,12 +100,17 @@ def test_train_vqgan_report_checkpoint_and_determinism(digits, tmp_path):
 
     loaded = VQGAN.from_checkpoint(report["output"])
     assert loaded.checkpoint_hash == report["sha256"]
-    assert loaded.config_name is None
-    assert loaded.config == VQGAN.from_config("tiny-f4").config
+    assert loaded.config_name == "tiny-f4"  # recognized from the architecture stored in the file
     assert evaluate_vqgan(loaded, val) == pytest.approx(report["val"])  # the file holds the model that was scored
 
     again = train_vqgan(train, cfg, tmp_path / "vq2.ckpt", device="cpu", val_dataset=val, progress=False)
     assert again["final_losses"] == report["final_losses"]  # seeded
+
+
+def test_empty_training_set_is_a_clear_error(tmp_path):
+    empty = TensorDataset(torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(DADError, match="training set is empty"):
+        train_vqgan(empty, VQGANConfig(), tmp_path / "vq.ckpt", device="cpu", progress=False)
 
 
 def _write_prepared_digits(root, per_class: int) -> None:

@@ -18,13 +18,22 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "pipelines" / "dad_pipeline.py"
 GOLDEN = Path(__file__).parent / "golden" / "dad_pipeline.yaml"
-STEPS = ("prepare-data", "finetune-teacher", "train-vqgan", "cache-teacher", "collect-teacher-cache",
-         "train-student", "evaluate-ood", "register-model")
+STEPS = (
+    "prepare-data",
+    "finetune-teacher",
+    "train-vqgan",
+    "cache-teacher",
+    "collect-teacher-cache",
+    "train-student",
+    "evaluate-ood",
+    "register-model",
+)
 
 
 def _run(*args: str, timeout: float = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +94,8 @@ def test_golden_spec(compiled):
     assert GOLDEN.is_file(), "no golden spec yet: run UPDATE_GOLDEN=1 pytest tests/pipelines"
     assert strip(compiled.read_text()) == strip(GOLDEN.read_text()), (
         "the compiled pipeline differs from tests/pipelines/golden/dad_pipeline.yaml; if that is intended, "
-        "rewrite it with UPDATE_GOLDEN=1 pytest tests/pipelines and review the diff")
+        "rewrite it with UPDATE_GOLDEN=1 pytest tests/pipelines and review the diff"
+    )
 
 
 def test_every_step_is_there(spec):
@@ -93,8 +103,15 @@ def test_every_step_is_there(spec):
     names = {name.rstrip("-0123456789") for name in _tasks(pipeline)}
     assert set(STEPS) <= names
     displayed = _by_display_name(pipeline)
-    assert {"train-student", "train-student-launcher", "import-teacher", "import-vqgan", "import-student",
-            "use-teacher-checkpoint", "use-vqgan-checkpoint"} <= set(displayed)
+    assert {
+        "train-student",
+        "train-student-launcher",
+        "import-teacher",
+        "import-vqgan",
+        "import-student",
+        "use-teacher-checkpoint",
+        "use-vqgan-checkpoint",
+    } <= set(displayed)
 
 
 def test_cache_workers_are_a_parallel_for_over_shard_indices(spec):
@@ -112,12 +129,17 @@ def test_cache_workers_are_a_parallel_for_over_shard_indices(spec):
 
 def test_checkpoints_and_the_training_backend_are_conditions(spec):
     pipeline, _ = spec
-    conditions = {task["taskInfo"]["name"]: task["triggerPolicy"]["condition"]
-                  for task in _tasks(pipeline).values() if "triggerPolicy" in task}
+    conditions = {
+        task["taskInfo"]["name"]: task["triggerPolicy"]["condition"]
+        for task in _tasks(pipeline).values()
+        if "triggerPolicy" in task
+    }
     assert conditions["no-teacher-checkpoint"] == "inputs.parameter_values['pipelinechannel--teacher_checkpoint'] == ''"
     assert conditions["teacher-checkpoint-given"].startswith("!(")
     assert conditions["no-vqgan-checkpoint"] == "inputs.parameter_values['pipelinechannel--vqgan_checkpoint'] == ''"
-    assert conditions["train-on-kubeflow-trainer"] == "inputs.parameter_values['pipelinechannel--backend'] == 'kubernetes'"
+    assert (
+        conditions["train-on-kubeflow-trainer"] == "inputs.parameter_values['pipelinechannel--backend'] == 'kubernetes'"
+    )
     assert conditions["train-in-step"].startswith("!(")
 
 
@@ -151,8 +173,12 @@ def test_platform_settings_use_the_names_k8s_creates(spec, platform):
         return executors[_executor(pipeline, displayed[step])]
 
     key, value = platform.CLIENT_POD_LABEL
-    component_tasks = [t for t in _tasks(pipeline).values() if "executorLabel" in pipeline["components"].get(
-        t["componentRef"]["name"], {}) and not t["taskInfo"]["name"].startswith("import-")]
+    component_tasks = [
+        t
+        for t in _tasks(pipeline).values()
+        if "executorLabel" in pipeline["components"].get(t["componentRef"]["name"], {})
+        and not t["taskInfo"]["name"].startswith("import-")
+    ]
     assert len(component_tasks) >= 11
     for task in component_tasks:
         assert executors[_executor(pipeline, task)]["podMetadata"]["labels"] == {key: value}
@@ -179,10 +205,13 @@ def test_the_training_job_gets_the_cluster_names(spec, platform):
     pipeline, _ = spec
     launcher = _by_display_name(pipeline)["train-student-launcher"]["inputs"]["parameters"]
     assert launcher["job"]["runtimeValue"]["constant"] == {
-        "image": DAD_IMAGE, "namespace": "{{$.inputs.parameters['pipelinechannel--namespace']}}",
-        "runtime": "{{$.inputs.parameters['pipelinechannel--training_runtime']}}"}
+        "image": DAD_IMAGE,
+        "namespace": "{{$.inputs.parameters['pipelinechannel--namespace']}}",
+        "runtime": "{{$.inputs.parameters['pipelinechannel--training_runtime']}}",
+    }
     assert launcher["mounts"]["runtimeValue"]["constant"] == {
-        "/mnt/dad-work": "{{$.inputs.parameters['pipelinechannel--cache_pvc']}}"}
+        "/mnt/dad-work": "{{$.inputs.parameters['pipelinechannel--cache_pvc']}}"
+    }
 
 
 def test_every_step_runs_the_project_image(spec):
@@ -199,10 +228,22 @@ def test_every_step_runs_the_project_image(spec):
 def test_parse_params():
     from pipelines.dad_pipeline import UsageError, parse_params
 
-    args = parse_params(["num_shards=4", "train.epochs=2", 'gpu_node_selector={"pool": "a100"}', "backend=local",
-                         'params=["loss.variant=C"]', "train.lr=0.1"])
-    assert args == {"num_shards": 4, "gpu_node_selector": {"pool": "a100"}, "backend": "local",
-                    "params": ["loss.variant=C", "train.epochs=2", "train.lr=0.1"]}
+    args = parse_params(
+        [
+            "num_shards=4",
+            "train.epochs=2",
+            'gpu_node_selector={"pool": "a100"}',
+            "backend=local",
+            'params=["loss.variant=C"]',
+            "train.lr=0.1",
+        ]
+    )
+    assert args == {
+        "num_shards": 4,
+        "gpu_node_selector": {"pool": "a100"},
+        "backend": "local",
+        "params": ["loss.variant=C", "train.epochs=2", "train.lr=0.1"],
+    }
     with pytest.raises(UsageError, match="unknown pipeline parameter 'shards'; known: params, "):
         parse_params(["shards=2"])
     with pytest.raises(UsageError, match="num_shards=two"):
@@ -215,8 +256,12 @@ def test_parse_params():
 
 def test_compile_applies_parameter_values(tmp_path):
     path = tmp_path / "p.yaml"
-    assert _run("--compile", "--output", str(path), "--param", "num_shards=8", "--param", "train.epochs=3",
-                cwd=tmp_path).returncode == 0  # runs from any folder
+    assert (
+        _run(
+            "--compile", "--output", str(path), "--param", "num_shards=8", "--param", "train.epochs=3", cwd=tmp_path
+        ).returncode
+        == 0
+    )  # runs from any folder
     pipeline = next(yaml.safe_load_all(path.read_text()))
     defaults = pipeline["root"]["inputDefinitions"]["parameters"]
     assert defaults["num_shards"]["defaultValue"] == 8
@@ -243,8 +288,14 @@ def test_submit_to_a_closed_port_fails_fast():
 
 
 # Small enough for a few minutes on two cores: one epoch each, a quarter of the digits to train on, small suites.
-FAST = ("finetune.epochs=1", "vqgan.train.epochs=1", "train.epochs=1", "data.val_fraction=0.75",
-        "data.suite_per_class=5", "cache.views=1")
+FAST = (
+    "finetune.epochs=1",
+    "vqgan.train.epochs=1",
+    "train.epochs=1",
+    "data.val_fraction=0.75",
+    "data.suite_per_class=5",
+    "cache.views=1",
+)
 
 
 @pytest.mark.integration
@@ -254,8 +305,15 @@ def test_local_run_trains_evaluates_and_registers(tmp_path, mlflow_sqlite_uri):
     import mlflow
 
     params = [arg for item in FAST for arg in ("--param", item)]
-    result = _run("--local", "--output-dir", str(tmp_path / "out"), "--param", f"mlflow_tracking_uri={mlflow_sqlite_uri}",
-                  *params, timeout=900)
+    result = _run(
+        "--local",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--param",
+        f"mlflow_tracking_uri={mlflow_sqlite_uri}",
+        *params,
+        timeout=900,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     assert "registered model: models:/dad-student/1" in result.stdout
     assert f"mlflow ui --backend-store-uri {mlflow_sqlite_uri}" in result.stdout
@@ -265,8 +323,10 @@ def test_local_run_trains_evaluates_and_registers(tmp_path, mlflow_sqlite_uri):
     assert {"clean_top1", "ood_mean_top1"} <= set(report)
     assert (run_dir / "evaluate-ood" / "report").read_text().strip()
     caches = list((tmp_path / "out" / "work" / "cache").iterdir())
-    assert len(caches) == 1 and sorted(p.name for p in caches[0].glob("report-*.json")) == ["report-0.json",
-                                                                                           "report-1.json"]
+    assert len(caches) == 1 and sorted(p.name for p in caches[0].glob("report-*.json")) == [
+        "report-0.json",
+        "report-1.json",
+    ]
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_sqlite_uri)
     (experiment,) = [e for e in client.search_experiments() if e.name == "dad"]

@@ -1,0 +1,332 @@
+"""DAD sample generation, the product's path against the reference's plain formulation, side by side.
+
+One step = one batch of clean images through VQ -> one L2-PGD step on the teacher -> VQ -> teacher soft labels on
+the clean and the DAD image (DESIGN §3.3). Rows:
+
+* ``naive-fp32`` (the baseline): the reference's formulation, written out below: eager fp32 (IEEE unless
+  ``--reference-precision tf32``), no channels_last, no compile, a codebook lookup that materializes the full
+  ``[N, K]`` distance matrix ``z² + e² − 2ze`` (taming's ``VectorQuantizer``), the teacher run again for soft labels.
+* ``naive-bf16``: the same code under bf16 autocast, the "naive DAD generation step" of DESIGN §6 (96 img/s on an
+  H200). Its VQGAN runs in bf16, which the product deliberately does not do.
+* ``product``: what ``dad_core`` runs when it caches (``teacher_cache._make_shard``): channels_last input, bf16
+  autocast on a GPU, ``generate_dad_samples`` (whose ``VQGAN.reconstruct`` keeps fp32 and looks codes up in chunks),
+  then the soft labels.
+* ``cache-shard``: the product's whole per-shard computation, ``teacher_cache._make_shard`` on an in-memory batch:
+  the above plus uint8 storage rounding, and the soft labels of R stored views of both images (cropped on the CPU).
+* ``product-compiled`` (``--compile``): ``product`` with ``torch.compile`` on the VQGAN encoder/decoder and teacher.
+
+Agreement with ``naive-fp32`` on the same batch and random start: max/mean abs difference of the DAD images, and
+the fraction of VQ codes that agree for ``VQ(x)`` and for the final ``VQ(x_adv)`` (near-ties may differ).
+
+    python bench/generation.py                      # CPU, tiny configuration, seconds
+    python bench/generation.py --full --json gen.json   # GPU: ViT-L-14 teacher, f8-16384 VQGAN, 224 px, batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if __package__ in (None, ""):  # run as a file (python bench/generation.py): make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import _common as common  # noqa: E402
+
+ROWS = ("naive-fp32", "naive-bf16", "product", "cache-shard", "product-compiled")
+DEFAULT_ROWS = ("naive-fp32", "naive-bf16", "product", "cache-shard")
+BASELINE = "naive-fp32"
+TARGET = 2.5  # DESIGN §6: DAD sample generation at least 2.5x the naive step on the same GPU
+TINY = dict(teacher="dad-tiny-clip", num_classes=10, vqgan="tiny-f4", image_size=32, batch_size=16, views=2)
+FULL = dict(teacher="ViT-L-14", num_classes=1000, vqgan="f8-16384", image_size=224, batch_size=64, views=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference's formulation, written plainly (the baseline)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def naive_reconstruct(vqgan: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """VQGAN round trip as the reference writes it: one full ``[N, K]`` distance matrix, then argmin.
+
+    Args:
+        vqgan: a ``dad_core.vqgan.VQGAN`` (only its encoder, convs, codebook and decoder are used).
+        images: ``[B, 3, H, W]`` in [0, 1].
+
+    Returns:
+        ``([B, 3, H, W]`` fp32 reconstruction in [0, 1], ``[B, h, w]`` code indices).
+    """
+    z = vqgan.quant_conv(vqgan.encoder(images * 2 - 1))
+    b, d, h, w = z.shape
+    flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+    codebook = vqgan.codebook.weight
+    distances = flat.pow(2).sum(dim=1, keepdim=True) + codebook.pow(2).sum(dim=1) - 2 * flat @ codebook.t()
+    indices = distances.argmin(dim=1)
+    codes = codebook[indices].view(b, h, w, d).permute(0, 3, 1, 2)
+    out = vqgan.decoder(vqgan.post_quant_conv(codes.to(z.dtype)))
+    return ((out.clamp(-1, 1) + 1) / 2).float(), indices.view(b, h, w)
+
+
+def _l2(x: Tensor) -> Tensor:
+    return x.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
+def naive_pgd(teacher: nn.Module, centre: Tensor, labels: Tensor, *, eps: float, step_size: float, steps: int,
+              random_start: float, generator: torch.Generator) -> Tensor:
+    """L2 PGD on the teacher's cross-entropy around ``centre``, drawing random numbers in the product's order."""
+    adv = centre.clone()
+    if torch.rand((), generator=generator, device=generator.device).item() < random_start:
+        noise = torch.randn(centre.shape, generator=generator, device=centre.device, dtype=centre.dtype)
+        adv = (centre + eps * noise / _l2(noise)).clamp(0, 1)
+    for _ in range(steps):
+        adv = adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(teacher(adv).float(), labels, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, adv)
+        adv = adv.detach() + step_size * grad / _l2(grad)
+        delta = adv - centre
+        adv = (centre + delta * (eps / _l2(delta)).clamp(max=1.0)).clamp(0, 1)
+    return adv.detach()
+
+
+def naive_step(teacher: nn.Module, vqgan: nn.Module, images: Tensor, labels: Tensor, attack, temperature: float,
+               generator: torch.Generator) -> dict[str, Tensor]:
+    """VQ -> PGD -> VQ -> soft labels of the clean and DAD image (the teacher run again for both)."""
+    x0, codes_x0 = naive_reconstruct(vqgan, images)
+    adv = naive_pgd(teacher, x0, labels, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
+                    random_start=attack.random_start, generator=generator)
+    dad, codes_dad = naive_reconstruct(vqgan, adv)
+    with torch.no_grad():
+        p_clean = F.softmax(teacher(images).float() / temperature, dim=-1)
+        p_dad = F.softmax(teacher(dad).float() / temperature, dim=-1)
+    return {"dad": dad, "p_clean": p_clean, "p_dad": p_dad, "codes_x0": codes_x0, "codes_dad": codes_dad}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The product's path
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def product_step(teacher: nn.Module, vqgan: nn.Module, images: Tensor, labels: Tensor, attack, temperature: float,
+                 generator: torch.Generator) -> dict[str, Tensor]:
+    """``generate_dad_samples`` + soft labels, with the cache's settings: channels_last and bf16 autocast on a GPU."""
+    from dad_core.attack import generate_dad_samples
+    from dad_core.losses import soften
+
+    on_gpu = images.device.type == "cuda"
+    if on_gpu:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=on_gpu):
+        dad = generate_dad_samples(teacher, vqgan, images, labels, attack, generator=generator)
+        with torch.no_grad():
+            p_clean, p_dad = soften(teacher(images), temperature), soften(teacher(dad), temperature)
+    return {"dad": dad, "p_clean": p_clean, "p_dad": p_dad}
+
+
+@contextlib.contextmanager
+def recorded_codes(vqgan: nn.Module) -> Iterator[list[Tensor]]:
+    """Record the code indices the product's ``VQGAN.quantize`` picks, from the latents leaving ``quant_conv``."""
+    from dad_core.vqgan import nearest_code_indices
+
+    found: list[Tensor] = []
+
+    def hook(module: nn.Module, inputs: Any, z: Tensor) -> None:
+        b, d, h, w = z.shape
+        found.append(nearest_code_indices(z.permute(0, 2, 3, 1).reshape(-1, d), vqgan.codebook.weight).view(b, h, w))
+
+    handle = vqgan.quant_conv.register_forward_hook(hook)
+    try:
+        yield found
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def compiled(teacher: nn.Module, vqgan: nn.Module) -> Iterator[nn.Module]:
+    """``torch.compile`` the VQGAN encoder/decoder in place (restored on exit); yields the compiled teacher."""
+    encoder, decoder = vqgan.encoder, vqgan.decoder
+    vqgan.encoder, vqgan.decoder = torch.compile(encoder), torch.compile(decoder)
+    try:
+        yield torch.compile(teacher)
+    finally:
+        vqgan.encoder, vqgan.decoder = encoder, decoder
+
+
+def _agreement(reference: dict[str, Tensor], other: dict[str, Tensor]) -> dict[str, float]:
+    diff = (other["dad"].float() - reference["dad"].float()).abs()
+    out = {"dad_max_abs_diff": diff.max().item(), "dad_mean_abs_diff": diff.mean().item(),
+           "p_clean_max_abs_diff": (other["p_clean"] - reference["p_clean"]).abs().max().item()}
+    for key in ("codes_x0", "codes_dad"):
+        if key in other:
+            out[f"{key}_agree"] = (other[key] == reference[key]).float().mean().item()
+    return {k: round(v, 6) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cache_config(shape: dict[str, Any], batch_size: int):
+    from dad_core.config import load_config
+
+    crop = "[0.08, 1.0]" if shape["image_size"] >= 128 else "[0.35, 1.0]"
+    return load_config(None, [f"data.image_size={shape['image_size']}", f"cache.views={shape['views']}",
+                              f"cache.batch_size={batch_size}", f"cache.shard_size={batch_size}",
+                              f"train.crop_scale={crop}", "train.hflip=0.5"])
+
+
+def _shard_step(teacher, vqgan, images: Tensor, labels: Tensor, cfg, device: torch.device):
+    """The product's per-shard computation on an in-memory dataset of this batch (CPU images, as a loader gives)."""
+    from dad_core.teacher_cache import _make_shard  # private: the benchmark times the product's own shard code
+
+    dataset = list(zip(images.cpu(), labels.cpu().tolist(), strict=True))
+    return lambda: _make_shard(teacher, vqgan, dataset, list(range(len(dataset))), cfg, 0, device)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the models, time the selected rows, measure agreement; returns the JSON-able result."""
+    from dad_core.vqgan import VQGAN
+
+    device = common.setup(args)
+    shape = dict(FULL if args.full else TINY)
+    batch = args.batch_size or shape["batch_size"]
+    rows_wanted = common.selected_rows(args, ROWS, DEFAULT_ROWS)
+    cfg = _cache_config(shape, batch)
+    attack, temperature = cfg.attack, cfg.loss.temperature
+    start = time.perf_counter()
+    teacher = common.create_teacher(shape["teacher"], shape["num_classes"], device, seed=args.seed)
+    torch.manual_seed(args.seed)
+    vqgan = VQGAN.from_config(shape["vqgan"]).to(device).eval().requires_grad_(False)
+    build_s = time.perf_counter() - start
+    data_gen = torch.Generator().manual_seed(args.seed)
+    images = torch.rand(batch, 3, shape["image_size"], shape["image_size"], generator=data_gen).to(device)
+    labels = torch.randint(0, shape["num_classes"], (batch,), generator=data_gen).to(device)
+    generator = torch.Generator(device=device)
+
+    def seeded(fn, *fn_args):
+        def step():
+            generator.manual_seed(args.seed)
+            return fn(*fn_args, images, labels, attack, temperature, generator)
+
+        return step
+
+    on_gpu = device.type == "cuda"
+    product_dtype = "bf16 autocast (VQGAN fp32)" if on_gpu else "fp32"
+    ref_precision = args.reference_precision if on_gpu else None
+    timing = dict(warmup=args.warmup, iters=args.iters, images_per_step=batch, batch_size=batch)
+    rows, outputs = [], {}
+    for name in rows_wanted:
+        if name == "naive-fp32":
+            with common.fp32_precision(ref_precision):
+                step = seeded(naive_step, teacher, vqgan)
+                rows.append(common.measure(name, step, device, dtype=f"fp32 ({ref_precision or 'cpu'})",
+                                           channels_last=False, compile=False, **timing))
+                outputs[name] = _safe(step)
+        elif name == "naive-bf16":
+            step = seeded(naive_step, teacher, vqgan)
+
+            def bf16_step(step=step):
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    return step()
+
+            rows.append(common.measure(name, bf16_step, device, dtype="bf16 autocast (VQGAN too)",
+                                       channels_last=False, compile=False, **timing))
+            outputs[name] = _safe(bf16_step)
+        elif name == "product":
+            step = seeded(product_step, teacher, vqgan)
+            rows.append(common.measure(name, step, device, dtype=product_dtype, channels_last=on_gpu, compile=False,
+                                       **timing))
+            outputs[name] = _with_codes(vqgan, step)
+        elif name == "cache-shard":
+            rows.append(common.measure(name, _shard_step(teacher, vqgan, images, labels, cfg, device), device,
+                                       dtype=product_dtype, channels_last=on_gpu, compile=False,
+                                       views=shape["views"], **timing))
+        elif name == "product-compiled":
+            with compiled(teacher, vqgan) as fast_teacher:
+                step = seeded(product_step, fast_teacher, vqgan)
+                rows.append(common.measure(name, step, device, dtype=product_dtype, channels_last=on_gpu,
+                                           compile=True, **timing))
+                outputs[name] = _with_codes(vqgan, step)
+        common.free_memory(device)
+    return _result(args, device, shape, batch, cfg, rows, outputs, build_s)
+
+
+def _safe(step) -> dict[str, Tensor] | None:
+    try:
+        return step()
+    except Exception as err:  # the timing row already carries the error
+        print(f"[bench] agreement pass failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+
+
+def _with_codes(vqgan: nn.Module, step) -> dict[str, Tensor] | None:
+    with recorded_codes(vqgan) as codes:
+        out = _safe(step)
+    if out is not None and len(codes) == 2:
+        out["codes_x0"], out["codes_dad"] = codes
+    return out
+
+
+def baseline_of(name: str) -> str:
+    """The row each row's ``ratio`` column divides by."""
+    return BASELINE
+
+
+def ratios(rows: list[dict[str, Any]], on_gpu: bool) -> list[dict[str, Any]]:
+    """The named ratios of the rows present, with DESIGN §6's target where one applies."""
+    out = []
+    for name in ("product", "product-compiled", "cache-shard"):
+        if any(r["name"] == name for r in rows):
+            target = TARGET if name != "cache-shard" else None
+            out.append(common.ratio_entry(rows, name, "naive-fp32", target, "baseline of the brief: fp32"))
+            out.append(common.ratio_entry(rows, name, "naive-bf16", target, "DESIGN §6 naive step (bf16)"))
+    return out
+
+
+def _result(args, device, shape, batch, cfg, rows, outputs, build_s) -> dict[str, Any]:
+    common.add_row_ratios(rows, baseline_of)
+    reference = outputs.get(BASELINE)
+    agreement = {name: _agreement(reference, out) for name, out in outputs.items()
+                 if reference is not None and out is not None and name != BASELINE}
+    return {
+        "benchmark": "generation",
+        "unit": "clean images/s (each gives a DAD sample and soft labels for both)",
+        "config": {"full": args.full, **shape, "batch_size": batch, "attack": dataclasses.asdict(cfg.attack),
+                   "temperature": cfg.loss.temperature, "topk": cfg.cache.topk, "warmup": args.warmup,
+                   "iters": args.iters, "reference_precision": args.reference_precision, "seed": args.seed},
+        "device_info": common.device_info(device),
+        "build_s": round(build_s, 2),
+        "rows": rows,
+        "ratios": ratios(rows, device.type == "cuda"),
+        "agreement_vs_naive_fp32": agreement,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(parser, rows=ROWS, default_rows=DEFAULT_ROWS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    code = common.finish(result, args)
+    if not args.quiet and result["agreement_vs_naive_fp32"]:
+        print("\nagreement with naive-fp32:", common.to_json(result["agreement_vs_naive_fp32"]))
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

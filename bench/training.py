@@ -1,0 +1,205 @@
+"""One student training step on the DAD loss: cached teacher vs online teacher vs a plain step vs the reference.
+
+Each step takes B clean images and their B DAD samples (2B images through the student), as ``dad_core.train``
+does, and includes backward and the AdamW update. Rows, per student:
+
+* ``plain``: the ceiling, a student step on the same 2B images with cross-entropy only (no teacher, no KL).
+* ``cached``: ``DADTask`` with ``teacher_mode: cached`` (stored soft labels in the batch; the teacher never runs).
+* ``online``: ``DADTask`` with the teacher run on the clean and the DAD view every step (``teacher_mode: online``).
+* ``reference``: the reference design: fp32 (IEEE unless ``--reference-precision tf32``), online teacher, no
+  channels_last.
+* ``cached-compiled`` (``--compile``): ``cached`` with the student under ``torch.compile`` (``train.compile``).
+
+The product rows use the product's own choices (``dad_core.train``): bf16 autocast and channels_last (model and
+batch) on a GPU, timm's AdamW (``foreach`` on a GPU), loss terms read back to the host each step. Throughput is in
+clean images/s (B per step, DESIGN §6's unit); ``student_images_per_s`` counts the 2B images.
+
+    python bench/training.py                          # CPU, resnet10t student, tiny teacher, seconds
+    python bench/training.py --full --json train.json # GPU: vit_base_patch16_224 and resnet50, ViT-L-14, B = 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if __package__ in (None, ""):  # run as a file (python bench/training.py): make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import _common as common  # noqa: E402
+
+ROWS = ("plain", "cached", "online", "reference", "cached-compiled")
+DEFAULT_ROWS = ("plain", "cached", "online", "reference")
+# DESIGN §6: cached at least 0.9x plain, 1.8x online, 12x the reference design (on a GPU)
+TARGETS = {"plain": 0.9, "online": 1.8, "reference": 12.0}
+TINY = dict(students=("resnet10t",), teacher="dad-tiny-clip", num_classes=10, image_size=32, batch_size=16)
+FULL = dict(students=("vit_base_patch16_224", "resnet50"), teacher="ViT-L-14", num_classes=1000, image_size=224,
+            batch_size=128)
+
+
+def _batch(batch_size: int, num_classes: int, size: int, temperature: float, device: torch.device,
+           seed: int) -> dict[str, Tensor]:
+    """A batch as the loader yields it in cached mode: views in [0, 1], labels, teacher probabilities at T."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"clean": torch.rand(batch_size, 3, size, size, generator=gen),
+             "dad": torch.rand(batch_size, 3, size, size, generator=gen),
+             "label": torch.randint(0, num_classes, (batch_size,), generator=gen)}
+    for key in ("t_clean", "t_dad"):
+        batch[key] = F.softmax(torch.randn(batch_size, num_classes, generator=gen) * 3 / temperature, dim=-1)
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def _product_student(name: str, num_classes: int, size: int, device: torch.device, channels_last: bool,
+                     seed: int) -> nn.Module:
+    from dad_core.student import create_student
+
+    torch.manual_seed(seed)
+    student = create_student(name, num_classes, image_size=size).to(device)
+    return student.to(memory_format=torch.channels_last) if channels_last else student
+
+
+def _optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """timm's AdamW with the product's defaults (``dad_core.train._build_optimization``)."""
+    from timm.optim import create_optimizer_v2
+
+    kwargs = {"foreach": True} if device.type == "cuda" else {}
+    return create_optimizer_v2(model, opt="adamw", lr=2e-3, weight_decay=0.05, **kwargs)
+
+
+def _step_fn(forward: Callable[[dict[str, Tensor]], dict[str, Tensor]], optimizer: torch.optim.Optimizer,
+             batch: dict[str, Tensor], device: torch.device, *, autocast: bool, channels_last: bool):
+    """One step as ``dad_core.train._loop`` runs it: batch to device/format, forward, backward, update, read loss."""
+    from dad_core.train import _to_device  # private: the benchmark runs the product loop's own batch handling
+
+    def step() -> float:
+        b = _to_device(batch, device, channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = forward(b)
+            out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        terms = {k: float(v.detach()) for k, v in out.items() if k != "output" and v.dim() == 0}  # as the loop logs
+        return terms["loss"]
+
+    return step
+
+
+def _plain_forward(student: nn.Module) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    def forward(b: dict[str, Tensor]) -> dict[str, Tensor]:
+        logits = student(torch.cat([b["clean"], b["dad"]]))
+        return {"loss": F.cross_entropy(logits.float(), torch.cat([b["label"], b["label"]]))}
+
+    return forward
+
+
+def _task_forward(task: nn.Module, seed: int) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    rng = np.random.default_rng(seed)
+    return lambda b: task(b, rng=rng)
+
+
+def _row(kind: str, name: str, shape: dict[str, Any], teacher: nn.Module, batch: dict[str, Tensor],
+         device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """Build a fresh student (same init) for one row, time its step, free it."""
+    from dad_core.config import LossConfig
+    from dad_core.task import DADTask
+
+    on_gpu = device.type == "cuda"
+    product = kind != "reference"
+    channels_last = on_gpu and product
+    student = _product_student(name, shape["num_classes"], shape["image_size"], device, channels_last, args.seed)
+    student.train()
+    optimizer = _optimizer(student, device)
+    trained = torch.compile(student) if kind == "cached-compiled" else student
+    if kind == "plain":
+        forward = _plain_forward(trained)
+    else:
+        task = DADTask(trained, LossConfig(), num_classes=shape["num_classes"],
+                       teacher=teacher if kind in ("online", "reference") else None, label_smoothing=0.1)
+        task.train()
+        forward = _task_forward(task, args.seed)
+    step = _step_fn(forward, optimizer, batch, device, autocast=on_gpu and product, channels_last=channels_last)
+    b = batch["label"].shape[0]
+    dtype = "bf16 autocast" if on_gpu and product else "fp32" + (f" ({args.reference_precision})" if on_gpu else "")
+    with common.fp32_precision(args.reference_precision if on_gpu and not product else None):
+        row = common.measure(f"{name}/{kind}", step, device, warmup=args.warmup, iters=args.iters,
+                             images_per_step=b, batch_size=b, dtype=dtype, channels_last=channels_last,
+                             compile=kind == "cached-compiled",
+                             teacher="online" if kind in ("online", "reference") else "none")
+    if "images_per_s" in row:
+        row["student_images_per_s"] = row["images_per_s"] * 2
+    del step, forward, optimizer, trained, student
+    common.free_memory(device)
+    return row
+
+
+def baseline_of(name: str) -> str:
+    """The row each row's ``ratio`` column divides by: the same student's reference row."""
+    return f"{name.split('/')[0]}/reference"
+
+
+def ratios(rows: list[dict[str, Any]], on_gpu: bool) -> list[dict[str, Any]]:
+    """cached over plain, online and reference for each student, against DESIGN §6's targets."""
+    names = [r["name"] for r in rows]
+    out = []
+    for student in dict.fromkeys(name.split("/")[0] for name in names):
+        for other, target in TARGETS.items():
+            if other == "reference" and not on_gpu:
+                target = None  # a GPU target: on a CPU the product's bf16 and channels_last are off
+            out.append(common.ratio_entry(rows, f"{student}/cached", f"{student}/{other}", target))
+        if f"{student}/cached-compiled" in names:
+            out.append(common.ratio_entry(rows, f"{student}/cached-compiled", f"{student}/cached"))
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the teacher, time the selected rows for each student; returns the JSON-able result."""
+    device = common.setup(args)
+    shape = dict(FULL if args.full else TINY)
+    if args.students:
+        shape["students"] = tuple(s.strip() for s in args.students.split(",") if s.strip())
+    batch_size = args.batch_size or shape["batch_size"]
+    kinds = common.selected_rows(args, ROWS, DEFAULT_ROWS)
+    start = time.perf_counter()
+    needs_teacher = any(k in ("online", "reference") for k in kinds)
+    teacher = common.create_teacher(shape["teacher"], shape["num_classes"], device, seed=args.seed) \
+        if needs_teacher else None
+    build_s = time.perf_counter() - start
+    batch = _batch(batch_size, shape["num_classes"], shape["image_size"], 4.0, device, args.seed)
+    rows = [_row(kind, name, shape, teacher, batch, device, args) for name in shape["students"] for kind in kinds]
+    common.add_row_ratios(rows, baseline_of)
+    return {
+        "benchmark": "training",
+        "unit": "clean images/s (each step: B clean + B DAD images through the student)",
+        "config": {"full": args.full, **shape, "batch_size": batch_size, "warmup": args.warmup, "iters": args.iters,
+                   "reference_precision": args.reference_precision, "seed": args.seed, "loss": "variant A, T=4"},
+        "device_info": common.device_info(device),
+        "build_s": round(build_s, 2),
+        "rows": rows,
+        "ratios": ratios(rows, device.type == "cuda"),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(parser, rows=ROWS, default_rows=DEFAULT_ROWS)
+    parser.add_argument("--students", help="comma-separated timm models (default: resnet10t; with --full "
+                                           "vit_base_patch16_224,resnet50)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return common.finish(run(args), args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""VQGAN round trip (``reconstruct``): the reference's eager fp32 against the product's path, side by side.
+
+Rows:
+
+* ``reference``: eager fp32 (IEEE unless ``--reference-precision tf32``), NCHW, the full ``[N, K]`` distance matrix
+  (``bench.generation.naive_reconstruct``, taming's ``VectorQuantizer``).
+* ``product``: ``VQGAN.reconstruct`` called as the cache calls it: channels_last input inside a bf16 autocast
+  region on a GPU. ``reconstruct`` switches autocast off and runs the network in fp32 (its docstring: bf16 latents
+  flip near-tie codes), with the codebook distance in fp32 chunks (``nearest_code_indices``); fp32 convolutions
+  follow torch's defaults (TF32 on Ampere and later).
+* ``bf16``: encoder and decoder under bf16 autocast with channels_last, codebook distance still fp32 (``quantize``
+  runs ``nearest_code_indices`` with autocast off). Not what the product runs: it shows the speed the fp32 choice
+  costs, and the agreement columns show what bf16 would change.
+* ``product-compiled``, ``bf16-compiled`` (``--compile``): the same with ``torch.compile`` on encoder and decoder.
+
+Agreement with ``reference``: max/mean abs pixel difference and the fraction of codes that agree.
+
+    python bench/vqgan.py                        # CPU, tiny-f4 at 32 px
+    python bench/vqgan.py --full --json vq.json  # GPU: f8-16384 at 224 px, batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+if __package__ in (None, ""):  # run as a file (python bench/vqgan.py): make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import _common as common  # noqa: E402
+from bench.generation import naive_reconstruct  # noqa: E402
+
+ROWS = ("reference", "product", "bf16", "product-compiled", "bf16-compiled")
+DEFAULT_ROWS = ("reference", "product", "bf16")
+BASELINE = "reference"
+TINY = dict(vqgan="tiny-f4", image_size=32, batch_size=16)
+FULL = dict(vqgan="f8-16384", image_size=224, batch_size=64)
+
+
+def product_reconstruct(vqgan: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The product's call: channels_last input, inside the cache's bf16 autocast region on a GPU."""
+    on_gpu = images.device.type == "cuda"
+    if on_gpu:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=on_gpu):
+        return vqgan.reconstruct(images), None
+
+
+@torch.no_grad()
+def bf16_reconstruct(vqgan: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Encoder/decoder in bf16 autocast, channels_last on a GPU; ``quantize`` keeps the distances in fp32."""
+    if images.device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16):
+        codes, indices = vqgan.quantize(vqgan.encode(images * 2 - 1))
+        out = vqgan.decode(codes)
+    return ((out.float().clamp(-1, 1) + 1) / 2), indices
+
+
+@contextlib.contextmanager
+def compiled_network(vqgan: nn.Module) -> Iterator[None]:
+    """``torch.compile`` the encoder and decoder in place, restored on exit."""
+    encoder, decoder = vqgan.encoder, vqgan.decoder
+    vqgan.encoder, vqgan.decoder = torch.compile(encoder), torch.compile(decoder)
+    try:
+        yield
+    finally:
+        vqgan.encoder, vqgan.decoder = encoder, decoder
+
+
+def _codes_of(vqgan: nn.Module, fn, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Output and code indices of one call (indices recorded from ``quant_conv`` when ``fn`` does not return them)."""
+    from bench.generation import recorded_codes
+
+    with recorded_codes(vqgan) as found:
+        out, indices = fn(vqgan, images)
+    return out, indices if indices is not None else found[0]
+
+
+def _agreement(reference: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor]) -> dict[str, float]:
+    diff = (other[0].float() - reference[0].float()).abs()
+    return {"max_abs_diff": round(diff.max().item(), 6), "mean_abs_diff": round(diff.mean().item(), 6),
+            "codes_agree": round((other[1] == reference[1]).float().mean().item(), 6)}
+
+
+def baseline_of(name: str) -> str:
+    """The row each row's ``ratio`` column divides by."""
+    return BASELINE
+
+
+def ratios(rows: list[dict[str, Any]], on_gpu: bool) -> list[dict[str, Any]]:
+    """Each row over the reference; bf16 over product (what the fp32 choice in ``reconstruct`` costs)."""
+    names = [r["name"] for r in rows]
+    out = [common.ratio_entry(rows, name, BASELINE) for name in ROWS if name in names and name != BASELINE]
+    for fast, slow in (("bf16", "product"), ("bf16-compiled", "product-compiled")):
+        if fast in names and slow in names:
+            out.append(common.ratio_entry(rows, fast, slow, note="what fp32 in reconstruct costs"))
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Time the selected rows on one random batch; returns the JSON-able result."""
+    from dad_core.vqgan import VQGAN
+
+    device = common.setup(args)
+    shape = dict(FULL if args.full else TINY)
+    batch = args.batch_size or shape["batch_size"]
+    wanted = common.selected_rows(args, ROWS, DEFAULT_ROWS)
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    vqgan = VQGAN.from_config(shape["vqgan"]).to(device).eval().requires_grad_(False)
+    build_s = time.perf_counter() - start
+    gen = torch.Generator().manual_seed(args.seed)
+    images = torch.rand(batch, 3, shape["image_size"], shape["image_size"], generator=gen).to(device)
+    on_gpu = device.type == "cuda"
+    functions = {"reference": naive_reconstruct, "product": product_reconstruct, "bf16": bf16_reconstruct}
+    dtypes = {"reference": f"fp32 ({args.reference_precision if on_gpu else 'cpu'})",
+              "product": "fp32 (autocast off inside)", "bf16": "bf16 autocast, fp32 codebook"}
+    rows, outputs = [], {}
+    for name in wanted:
+        base = name.removesuffix("-compiled")
+        fn = functions[base]
+        precision = args.reference_precision if on_gpu and base == "reference" else None
+        with common.fp32_precision(precision), (compiled_network(vqgan) if name != base else contextlib.nullcontext()):
+            rows.append(common.measure(name, lambda fn=fn: fn(vqgan, images), device, warmup=args.warmup,
+                                       iters=args.iters, images_per_step=batch, batch_size=batch,
+                                       dtype=dtypes[base], channels_last=on_gpu and base != "reference",
+                                       compile=name != base))
+            try:
+                outputs[name] = _codes_of(vqgan, fn, images)
+            except Exception as err:  # the timing row carries the error
+                print(f"[bench] agreement pass of {name} failed: {err}", file=sys.stderr)
+        common.free_memory(device)
+    common.add_row_ratios(rows, baseline_of)
+    agreement = {name: _agreement(outputs[BASELINE], out) for name, out in outputs.items()
+                 if name != BASELINE and BASELINE in outputs}
+    return {
+        "benchmark": "vqgan",
+        "unit": "images/s through encode -> nearest code -> decode",
+        "config": {"full": args.full, **shape, "batch_size": batch, "warmup": args.warmup, "iters": args.iters,
+                   "reference_precision": args.reference_precision, "seed": args.seed},
+        "device_info": common.device_info(device),
+        "build_s": round(build_s, 2),
+        "rows": rows,
+        "ratios": ratios(rows, on_gpu),
+        "agreement_vs_reference": agreement,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(parser, rows=ROWS, default_rows=DEFAULT_ROWS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    code = common.finish(result, args)
+    if not args.quiet and result["agreement_vs_reference"]:
+        print("\nagreement with reference:", common.to_json(result["agreement_vs_reference"]))
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

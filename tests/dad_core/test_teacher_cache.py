@@ -1,0 +1,374 @@
+"""The teacher cache (dad_core.teacher_cache): explicit labels that folder order cannot scramble, stored pixels and
+soft labels that match the teacher, sharding across workers, resume after a kill, and refusal of a cache made from
+other inputs (DESIGN 3.3, 3.5, 7; dad_method.md 1.7 item 1)."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dad_core.config import load_config
+from dad_core.data import BadImageError, create_eval_transform, load_image, read_classes
+from dad_core.io import sha256_file
+from dad_core.losses import soften
+from dad_core.prepare import prepare_folder
+from dad_core.teacher import freeze
+from dad_core.teacher_cache import (
+    CacheMismatchError,
+    cache_dependencies,
+    cache_teacher,
+    dataset_hash,
+    expand_topk,
+    load_teacher_cache,
+    open_split,
+)
+from dad_core.views import apply_view
+
+NUMBERED_CLASSES = 12  # folders "0".."11": lexicographic order ("0", "1", "10", "11", "2", ...) is not class order
+TEACHER_SHA = "ab" * 32
+
+
+def _teacher(num_classes: int):
+    """The conftest TinyTeacher with its head scaled up, so that soft labels at T=4 are far from uniform."""
+    from conftest import TinyTeacher
+
+    torch.manual_seed(0)
+    model = TinyTeacher(num_classes)
+    with torch.no_grad():
+        model.fc.weight.mul_(50)
+    return freeze(model)
+
+
+def _pool():
+    from conftest import PoolDiscretizer
+
+    return PoolDiscretizer()
+
+
+def _shards(root: Path) -> list[Path]:
+    return sorted(root.glob("shard-*.pt"))
+
+
+# --- the embedded digits, all of them ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_cache(digits_root, tmp_path_factory):
+    cfg = load_config(None, ["cache.shard_size=200"])
+    teacher = _teacher(10)
+    out = tmp_path_factory.mktemp("digits-cache")
+    report = cache_teacher(cfg, digits_root, out, teacher, _pool(), progress=False)
+    return cfg, out, teacher, report
+
+
+def test_labels_are_the_source_labels_for_every_sample(digits_root, digits_cache):
+    from sklearn.datasets import load_digits
+
+    _, out, _, report = digits_cache
+    source = open_split(digits_root, "train")
+    assert report["complete"] and report["total_shards"] == math.ceil(len(source) / 200) > 2
+    cache = load_teacher_cache(out, num_classes=10)
+    labels = cache.labels().tolist()
+    assert len(cache) == len(labels) == len(source) == 1347
+    assert labels == source.targets
+    sklearn_labels = load_digits().target
+    for i, (rel, _) in enumerate(source.samples):  # train/<id>/<row of load_digits():04d>.png
+        folder, name = rel.split("/")
+        assert labels[i] == sklearn_labels[int(Path(name).stem)] == int(folder), rel
+        shard, offset = cache.item(i)
+        assert int(shard["indices"][offset]) == i and int(shard["labels"][offset]) == labels[i]
+    assert sorted(set(labels)) == list(range(10))
+
+
+def test_stored_clean_images_are_the_no_aug_transform_of_the_source(digits_root, digits_cache):
+    cfg, out, _, _ = digits_cache
+    cache = load_teacher_cache(out, num_classes=10)
+    source = open_split(digits_root, "train", create_eval_transform(cfg.data.image_size))
+    for i in range(0, len(source), 7):
+        image, _ = source[i]
+        shard, offset = cache.item(i)
+        stored = shard["clean"][offset]
+        assert stored.dtype == torch.uint8 and stored.shape == (3, 32, 32)
+        assert torch.equal(stored, (image * 255).round().to(torch.uint8)), i
+    # at the prepared size the no-aug transform is the identity: the stored pixels are the PNG's
+    path = source.root / source.samples[5][0]
+    assert np.array_equal(cache.item(5)[0]["clean"][5].permute(1, 2, 0).numpy(), np.asarray(load_image(path)))
+
+
+def test_dad_samples_differ_from_clean_but_stay_close(digits_cache):
+    cfg, out, _, _ = digits_cache
+    cache = load_teacher_cache(out, num_classes=10)
+    clean = torch.cat([cache.shard(i)["clean"] for i in range(cache.manifest["num_shards"])]).float() / 255
+    dad = torch.cat([cache.shard(i)["dad"] for i in range(cache.manifest["num_shards"])]).float() / 255
+    mse = (dad - clean).pow(2).flatten(1).mean(1)
+    psnr = 10 * torch.log10(1 / mse)
+    assert bool((mse > 0).all())  # every DAD sample differs from its clean image...
+    assert float(psnr.min()) > 20 and float(psnr.max()) < 40  # ...but stays close (the stub pools 2x2)
+    # DAD = VQ(x0 + delta) with ||delta||_2 <= eps around x0 = VQ(x); the stub is a projection (no growth) that
+    # rounds to 8 bits, so each sample is within eps plus half a gray level per value of x0.
+    x0 = _pool().reconstruct(clean)
+    dist = (dad - x0).flatten(1).norm(dim=1)
+    rounding = math.sqrt(clean[0].numel()) * 0.5 / 255
+    assert float(dist.max()) <= cfg.attack.eps + rounding + 1e-6
+    assert float((dist > 0).float().mean()) > 0.5  # the attack moved most samples off VQ(x)
+
+
+@torch.no_grad()
+def test_soft_labels_are_the_teachers_probabilities_on_the_stored_pixels_and_views(digits_cache):
+    cfg, out, teacher, _ = digits_cache
+    cache = load_teacher_cache(out, num_classes=10)
+    T = cfg.loss.temperature
+    assert cache.manifest["views"]["temperature"] == T == 4.0
+    assert cache.views == cfg.cache.views == 2 and cfg.cache.topk == 10  # k = C: expand_topk is exact
+    for shard_id in (0, cache.manifest["num_shards"] - 1):
+        shard = cache.shard(shard_id)
+        for name in ("clean", "dad"):
+            logits = teacher(shard[name].float() / 255)
+            want = soften(logits, T)
+            have = torch.stack([cache.probs(shard, j, name) for j in range(len(shard["labels"]))])
+            torch.testing.assert_close(have, want, atol=1e-3, rtol=0)  # fp16 storage
+            assert not torch.allclose(have, soften(logits, 1.0), atol=1e-2)  # the temperature matters
+            assert float(want.max(1).values.mean()) > 0.15  # well above uniform (0.1): the check has teeth
+            for r in range(cache.views):
+                views = torch.stack([apply_view(shard[name][j], shard["views"][j, r], cfg.data.image_size,
+                                                randaugment=cfg.train.randaugment)
+                                     for j in range(len(shard["labels"]))])
+                have = torch.stack([cache.probs(shard, j, name, view=r) for j in range(len(shard["labels"]))])
+                torch.testing.assert_close(have, soften(teacher(views), T), atol=1e-3, rtol=0)
+        assert not torch.equal(shard["view_clean_topv"][:, 0], shard["view_clean_topv"][:, 1])  # two different views
+
+
+def test_expand_topk_is_exact_for_all_classes_and_spreads_the_rest_otherwise():
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(6, 10, generator=gen), dim=-1)
+    values, indices = probs.topk(10, dim=-1)
+    torch.testing.assert_close(expand_topk(values, indices, 10), probs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(expand_topk(values.half(), indices.to(torch.int16), 10), probs, atol=1e-3, rtol=0)
+    for k in (1, 3, 9):
+        values, indices = probs.topk(k, dim=-1)
+        full = expand_topk(values, indices, 10)
+        torch.testing.assert_close(full.sum(-1), torch.ones(6), atol=1e-6, rtol=0)
+        torch.testing.assert_close(full.gather(-1, indices), values, atol=1e-6, rtol=0)
+        rest = (1 - values.sum(-1, keepdim=True)) / (10 - k)
+        others = torch.ones_like(full, dtype=torch.bool).scatter_(-1, indices, False)
+        torch.testing.assert_close(full[others].view(6, 10 - k), rest.expand(6, 10 - k), atol=1e-6, rtol=0)
+        assert torch.equal(full.topk(k, dim=-1).indices.sort(-1).values, indices.sort(-1).values)
+
+
+def test_a_truncated_png_fails_caching_naming_the_file(digits_root, tmp_path):
+    data = tmp_path / "digits"
+    data.mkdir()
+    for name in ("classes.txt", "manifest.json"):
+        shutil.copy2(digits_root / name, data / name)
+    shutil.copytree(digits_root / "train", data / "train")
+    rel = open_split(data, "train").samples[7][0]
+    bad = data / "train" / rel
+    bad.write_bytes(bad.read_bytes()[:60])
+    cfg = load_config(None, ["cache.shard_size=50", "cache.views=0"])
+    with pytest.raises(BadImageError, match=re.escape(str(bad))):
+        cache_teacher(cfg, data, tmp_path / "cache", _teacher(10), _pool(), progress=False)
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+    assert not _shards(tmp_path / "cache")
+
+
+# --- a folder dataset with 12 numbered classes (the ImageFolder sort-order trap) -------------------------------
+
+
+@pytest.fixture(scope="module")
+def numbered_root(tmp_path_factory):
+    """``train/<k>/img<j>.png`` for k in 0..11, classes.txt in numeric order; pixel block [0:4, 0:4] = 20 * k."""
+    base = tmp_path_factory.mktemp("numbered")
+    source = base / "src"
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 12), ("val", 2)):
+        for k in range(NUMBERED_CLASSES):
+            folder = source / split / str(k)
+            folder.mkdir(parents=True)
+            for j in range(per_class):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                pixels[:4, :4] = 20 * k
+                Image.fromarray(pixels).save(folder / f"img{j:02d}.png")
+    (source / "classes.txt").write_text("".join(f"{k}\n" for k in range(NUMBERED_CLASSES)))
+    prepare_folder(source, base / "data", load_config(None, []).data, progress=False)
+    return base / "data"
+
+
+def _numbered_cfg(*extra: str):
+    return load_config(None, ["cache.shard_size=25", "cache.topk=5", "cache.batch_size=16", *extra])
+
+
+def _cache_numbered(root: Path, out: Path, *extra: str, **kwargs):
+    return cache_teacher(_numbered_cfg(*extra), root, out, _teacher(NUMBERED_CLASSES), _pool(), progress=False,
+                         teacher_checkpoint_sha256=TEACHER_SHA, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def numbered_cache(numbered_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("numbered-cache")
+    return out, _cache_numbered(numbered_root, out)
+
+
+def test_numbered_folders_keep_their_labels(numbered_root, numbered_cache):
+    out, report = numbered_cache
+    ids = read_classes(numbered_root / "classes.txt").ids
+    assert sorted(ids) != list(ids)  # the trap is armed: sort order is not class order
+    assert report["complete"] and report["total_shards"] == 6 and report["images"] == 144
+    cache = load_teacher_cache(out, num_classes=NUMBERED_CLASSES)
+    source = open_split(numbered_root, "train")
+    labels = cache.labels()
+    assert labels.tolist() == source.targets == [int(rel.split("/")[0]) for rel, _ in source.samples]
+    clean = torch.cat([cache.shard(i)["clean"] for i in range(6)])
+    assert torch.equal(clean[:, :, :4, :4].float().mean((1, 2, 3)), 20.0 * labels.float())  # the pixels agree
+    assert torch.bincount(labels).tolist() == [12] * NUMBERED_CLASSES
+
+
+@torch.no_grad()
+def test_top_k_soft_labels_hold_the_teachers_k_largest_probabilities(numbered_cache):
+    out, _ = numbered_cache
+    cache = load_teacher_cache(out, num_classes=NUMBERED_CLASSES)
+    shard = cache.shard(1)
+    want = soften(_teacher(NUMBERED_CLASSES)(shard["dad"].float() / 255), 4.0)
+    top = want.topk(5, dim=-1)
+    assert shard["dad_topv"].dtype == torch.float16 and shard["dad_topv"].shape == (25, 5)
+    torch.testing.assert_close(shard["dad_topv"].float(), top.values, atol=1e-3, rtol=0)
+    assert torch.equal(shard["dad_topi"].long(), top.indices)
+    full = cache.probs(shard, 3, "dad")
+    assert full.shape == (NUMBERED_CLASSES,) and abs(float(full.sum()) - 1) < 1e-5
+
+
+def test_two_workers_make_the_same_cache_as_one(numbered_root, numbered_cache, tmp_path):
+    single, _ = numbered_cache
+    out = tmp_path / "cache"
+    first = _cache_numbered(numbered_root, out, shard_index=0, num_shards=2)
+    assert first["shards_written"] == [0, 2, 4] and not first["complete"] and first["manifest_sha256"] is None
+    assert not (out / "manifest.json").exists() and not (out / "samples.png").exists()
+    with pytest.raises(CacheMismatchError, match="incomplete"):
+        load_teacher_cache(out, num_classes=NUMBERED_CLASSES)
+    second = _cache_numbered(numbered_root, out, shard_index=1, num_shards=2)
+    assert second["shards_written"] == [1, 3, 5] and second["complete"]
+    cache = load_teacher_cache(out, num_classes=NUMBERED_CLASSES)  # verifies every checksum
+    shards = cache.manifest["shards"]
+    assert sorted(shards) == [f"shard-{i:05d}" for i in range(6)] and cache.manifest["num_samples"] == 144
+    for name, info in shards.items():
+        assert info["sha256"] == sha256_file(out / f"{name}.pt")
+    # seeds are per shard, not per worker: the same bytes as the single-worker run
+    assert [p.name for p in _shards(out)] == [p.name for p in _shards(single)]
+    for path in _shards(single):
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+        sidecar = path.with_suffix(".json")
+        assert (out / sidecar.name).read_bytes() == sidecar.read_bytes()
+    assert (out / "manifest.json").read_bytes() == (single / "manifest.json").read_bytes()
+    with Image.open(out / "samples.png") as grid:
+        assert grid.size[0] > grid.size[1] > 0
+
+
+def _kill_data(path: Path) -> None:
+    path.unlink()
+
+
+def _kill_sidecar(path: Path) -> None:
+    path.with_suffix(".json").unlink()
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_kill_data, _kill_sidecar, _truncate, _flip_a_byte])
+def test_rerun_rewrites_only_the_damaged_shard(numbered_root, numbered_cache, tmp_path, damage):
+    single, _ = numbered_cache
+    out = tmp_path / "cache"
+    shutil.copytree(single, out)
+    target = out / "shard-00003.pt"
+    damage(target)
+    (out / ".shard-00003.pt.x1y2z3.tmp").write_bytes(b"half a shard")  # what a SIGKILL mid-write leaves
+    report = _cache_numbered(numbered_root, out)
+    assert report["shards_written"] == [3] and report["shards_skipped"] == [0, 1, 2, 4, 5] and report["complete"]
+    assert target.read_bytes() == (single / target.name).read_bytes()
+    assert (out / "manifest.json").read_bytes() == (single / "manifest.json").read_bytes()
+    load_teacher_cache(out, num_classes=NUMBERED_CLASSES)
+
+
+def test_a_run_killed_mid_shard_resumes_from_that_shard(numbered_root, numbered_cache, tmp_path, monkeypatch):
+    import dad_core.teacher_cache as tc
+
+    single, _ = numbered_cache
+    out = tmp_path / "cache"
+    save = tc._save
+
+    def dying_save(shard, path):
+        if int(shard["indices"][0]) == 3 * 25:
+            path.write_bytes(b"partial")
+            raise KeyboardInterrupt  # killed while writing shard 3
+        save(shard, path)
+
+    monkeypatch.setattr(tc, "_save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        _cache_numbered(numbered_root, out)
+    assert sorted(p.name for p in _shards(out)) == ["shard-00000.pt", "shard-00001.pt", "shard-00002.pt"]
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(tc, "_save", save)
+    report = _cache_numbered(numbered_root, out)
+    assert report["shards_written"] == [3, 4, 5] and report["shards_skipped"] == [0, 1, 2] and report["complete"]
+    for path in _shards(single):
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_load_refuses_a_cache_made_from_other_inputs(numbered_root, numbered_cache):
+    out, _ = numbered_cache
+
+    def expected(*overrides: str, dataset: str | None = None, teacher_sha: str = TEACHER_SHA):
+        return cache_dependencies(_numbered_cfg(*overrides), dataset=dataset or dataset_hash(numbered_root),
+                                  teacher_checkpoint_sha256=teacher_sha, vqgan_checkpoint_sha256=None)
+
+    assert len(load_teacher_cache(out, num_classes=NUMBERED_CLASSES, expected=expected())) == 144
+    cases = [
+        (expected("attack.eps=0.2"), r"attack differs in \['eps'\]"),
+        (expected(teacher_sha="cd" * 32), r"teacher differs in \['checkpoint_sha256'\]"),
+        (expected(dataset="0" * 64), "dataset_hash"),
+        (expected("cache.views=3"), r"views differs in \['views'\]"),
+    ]
+    for want, message in cases:
+        with pytest.raises(CacheMismatchError, match=message):
+            load_teacher_cache(out, num_classes=NUMBERED_CLASSES, expected=want)
+
+
+def test_writing_into_a_cache_made_from_other_inputs_raises(numbered_root, numbered_cache, tmp_path):
+    single, _ = numbered_cache
+    out = tmp_path / "cache"
+    shutil.copytree(single, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(CacheMismatchError, match="differs in: attack"):
+        _cache_numbered(numbered_root, out, "attack.eps=0.2")
+    with pytest.raises(CacheMismatchError, match="differs in: teacher"):
+        cache_teacher(_numbered_cfg(), numbered_root, out, _teacher(NUMBERED_CLASSES), _pool(), progress=False,
+                      teacher_checkpoint_sha256="cd" * 32)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing was touched
+
+
+@pytest.mark.parametrize(("damage", "message"), [(_flip_a_byte, "checksum mismatch"), (_kill_data, "missing")])
+def test_a_damaged_shard_fails_verification_naming_the_file(numbered_cache, tmp_path, damage, message):
+    single, _ = numbered_cache
+    out = tmp_path / "cache"
+    shutil.copytree(single, out)
+    damage(out / "shard-00004.pt")
+    with pytest.raises(CacheMismatchError, match=rf"shard-00004\.pt: {message}"):
+        load_teacher_cache(out, num_classes=NUMBERED_CLASSES)
+
+
+def test_a_cache_without_manifest_is_incomplete(tmp_path):
+    with pytest.raises(CacheMismatchError, match="incomplete"):
+        load_teacher_cache(tmp_path, num_classes=10)

@@ -1,0 +1,116 @@
+"""Replayable views (dad_core.views): a stored (crop box, flip, seed) gives the same pixels every time, the box
+respects the RandomResizedCrop bounds and stays inside the image, and the seeded photometric op replays exactly."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dad_core.views import ViewSpec, apply_view, sample_view, sample_views
+
+RAND = "rand-m9-mstd0.5-inc1"
+
+
+def _image(h: int = 32, w: int = 32, seed: int = 0) -> torch.Tensor:
+    """A uint8 ``[3, h, w]`` image whose pixels all differ from their mirror images."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8)
+
+
+def test_the_same_view_twice_gives_identical_pixels():
+    image = _image()
+    view = ViewSpec(3, 5, 20, 17, True, 1234)
+    first = apply_view(image, view, 24)
+    assert first.dtype == torch.float32 and first.shape == (3, 24, 24)
+    assert float(first.min()) >= 0.0 and float(first.max()) <= 1.0
+    assert torch.equal(first, apply_view(image, view, 24))
+    as_row = torch.tensor([3, 5, 20, 17, 1, 1234])  # the int64 row stored in the cache
+    assert torch.equal(first, apply_view(image, as_row, 24))
+
+
+def test_a_native_size_view_is_exactly_the_crop_box():
+    image = _image(40, 36)
+    top, left, size = 7, 11, 20
+    out = apply_view(image, ViewSpec(top, left, size, size, False, 0), size)
+    assert torch.equal(out, image[:, top:top + size, left:left + size].float() / 255.0)
+    # uint8 and [0, 1] float inputs give the same view
+    assert torch.equal(out, apply_view(image.float() / 255.0, ViewSpec(top, left, size, size, False, 0), size))
+
+
+def test_flip_mirrors_the_view_horizontally():
+    image = _image()
+    plain = apply_view(image, ViewSpec(2, 4, 25, 21, False, 5), 16)
+    flipped = apply_view(image, ViewSpec(2, 4, 25, 21, True, 5), 16)
+    assert torch.equal(flipped, plain.flip(-1))
+    assert not torch.equal(flipped, plain)
+
+
+def _box_fits(v: ViewSpec, height: int, width: int, scale, ratio) -> bool:
+    """The rounded box comes from some real (w, h) within 0.5 px whose area and aspect are inside the bounds."""
+    area = height * width
+    return (
+        0 <= v.top and v.top + v.height <= height and 0 <= v.left and v.left + v.width <= width
+        and (v.width - 0.5) * (v.height - 0.5) <= scale[1] * area
+        and (v.width + 0.5) * (v.height + 0.5) >= scale[0] * area
+        and (v.width - 0.5) / (v.height + 0.5) <= ratio[1]
+        and (v.width + 0.5) / (v.height - 0.5) >= ratio[0]
+    )
+
+
+@pytest.mark.parametrize(("height", "width", "scale"), [(224, 224, (0.08, 1.0)), (32, 32, (0.35, 1.0)),
+                                                         (180, 240, (0.5, 0.6))])
+def test_sampled_boxes_are_inside_the_image_and_respect_scale_and_ratio(height, width, scale):
+    rng = np.random.default_rng(0)
+    ratio = (3 / 4, 4 / 3)
+    views = [sample_view(height, width, rng, scale=scale, hflip=0.5) for _ in range(400)]
+    assert all(_box_fits(v, height, width, scale, ratio) for v in views)
+    areas = [v.height * v.width / (height * width) for v in views]
+    assert max(areas) - min(areas) > 0.5 * (scale[1] - scale[0])  # the range is used, not one size
+    flips = sum(v.flip for v in views)
+    assert 150 < flips < 250  # hflip=0.5
+    assert len({v.seed for v in views}) == len(views)
+
+
+def test_no_flip_when_hflip_is_zero_and_whole_image_after_ten_misses():
+    rng = np.random.default_rng(1)
+    assert not any(sample_view(32, 32, rng, scale=(0.35, 1.0), hflip=0.0).flip for _ in range(100))
+    # A 4 x 100 strip cannot hold 90 % of its area at an aspect ratio within [3/4, 4/3]: whole image.
+    v = sample_view(4, 100, rng, scale=(0.9, 1.0), hflip=0.0)
+    assert (v.top, v.left, v.height, v.width) == (0, 0, 4, 100)
+
+
+def test_sampling_is_deterministic_per_seed():
+    table = sample_views(5, 3, 32, 32, np.random.default_rng(7), scale=(0.35, 1.0), hflip=0.5)
+    assert table.shape == (5, 3, 6) and table.dtype == torch.int64
+    assert torch.equal(table, sample_views(5, 3, 32, 32, np.random.default_rng(7), scale=(0.35, 1.0), hflip=0.5))
+    assert not torch.equal(table, sample_views(5, 3, 32, 32, np.random.default_rng(8), scale=(0.35, 1.0), hflip=0.5))
+    # the table holds exactly what sample_view draws from the same stream
+    rng = np.random.default_rng(7)
+    first = sample_view(32, 32, rng, scale=(0.35, 1.0), hflip=0.5)
+    assert table[0, 0].tolist() == [first.top, first.left, first.height, first.width, int(first.flip), first.seed]
+
+
+def test_randaugment_replays_per_seed_and_differs_across_seeds():
+    image = _image(32, 32, seed=3)
+    view = ViewSpec(0, 0, 32, 32, False, 11)
+    first = apply_view(image, view, 32, randaugment=RAND)
+    # timm draws the ops from NumPy's global RNG and the magnitudes from Python's: whatever they hold, the
+    # view's seed decides, and the caller's streams are left as they were.
+    random.seed(999)
+    np.random.seed(999)
+    state, np_state = random.getstate(), np.random.get_state()
+    again = apply_view(image, view, 32, randaugment=RAND)
+    assert random.getstate() == state
+    after = np.random.get_state()
+    assert after[0] == np_state[0] and np.array_equal(after[1], np_state[1]) and after[2:] == np_state[2:]
+    assert torch.equal(first, again)
+    assert not torch.equal(first, apply_view(image, view, 32))  # the op changed the pixels
+    # Each of timm's two ops applies with probability 0.5, so some seeds leave the image as it is; most differ.
+    outs = [apply_view(image, ViewSpec(0, 0, 32, 32, False, seed), 32, randaugment=RAND) for seed in range(12)]
+    distinct = {tuple(o.flatten().tolist()) for o in outs}
+    assert len(distinct) >= 6
+    assert all(math.isfinite(float(o.sum())) and 0.0 <= float(o.min()) and float(o.max()) <= 1.0 for o in outs)
