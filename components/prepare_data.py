@@ -25,11 +25,4 @@ def prepare_data(params: list, dataset: Output[Dataset]):
     if code != 0:
         raise RuntimeError(f"dad prepare-data failed with exit code {code}; its message is in the log above")
     info = json.loads(report.read_text())
-    dataset.metadata.update(
-        {
-            "dataset_hash": info["dataset_hash"],
-            "source": info["source"],
-            "num_classes": info["num_classes"],
-            **info["counts"],
-        }
-    )
+    dataset.metadata.update({key: info[key] for key in ("dataset_hash", "source", "num_classes")}, **info["counts"])

@@ -23,6 +23,19 @@ _API = {
     "read_classes": "dad_core.data",
     "save_checkpoint": "dad_core.checkpoint",
     "load_checkpoint": "dad_core.checkpoint",
+    "prepare_digits": "dad_core.prepare",
+    "finetune_teacher": "dad_core.finetune",
+    "train_vqgan": "dad_core.vqgan_train",
+    "cache_teacher": "dad_core.teacher_cache",
+    "load_teacher_cache": "dad_core.teacher_cache",
+    "fit": "dad_core.train",
+    "create_student": "dad_core.student",
+    "load_student": "dad_core.student",
+    "evaluate_ood": "dad_core.evaluate",
+    "create_tracker": "dad_core.tracking",
+    "register_model": "dad_core.registry",
+    "promote": "dad_core.registry",
+    "launch_training": "dad_core.launch",
 }
 
 __all__ = ["__version__", *_API]

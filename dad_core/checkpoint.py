@@ -34,7 +34,8 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], meta: dict[str
     """
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
-        torch.save(state, tmp / STATE_FILE)
+        with open(tmp / STATE_FILE, "wb") as handle:  # a file object keeps the bytes independent of the name
+            torch.save(state, handle)
         (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2, sort_keys=True, default=str) + "\n")
     return directory
 

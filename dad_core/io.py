@@ -11,7 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "atomic_path", "atomic_dir", "sha256_file"]
+__all__ = [
+    "atomic_dir",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "save_torch",
+    "sha256_file",
+]
 
 
 def _umask_mode(mode: int) -> int:
@@ -79,6 +87,21 @@ class atomic_dir:  # noqa: N801 - used like a function: ``with atomic_dir(out) a
         os.replace(self.tmp, self.path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def save_torch(obj: Any, path: Path) -> Path:
+    """``torch.save`` to ``path`` atomically, with the same bytes for the same object on every run.
+
+    Writing through a file object matters: given a path, torch names the archive's records after the file name,
+    which is a random temporary name here, so equal objects would get different checksums.
+    """
+    import torch
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+
+    return atomic_path(Path(path), write)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -273,8 +273,8 @@ def _create_timm_teacher(spec: str, device: str | torch.device | None) -> nn.Mod
 
 def save_teacher_checkpoint(model: CLIPClassifier, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write a fine-tuned classifier (tower + head + class list) that ``create_clip_teacher`` loads."""
-    from dad_core.io import atomic_path
+    from dad_core.io import save_torch
 
     blob = {"format": _CHECKPOINT_FORMAT, "model_name": model.model_name, "classnames": list(model.classnames),
             "image_size": model.image_size, "state_dict": model.state_dict(), **(extra or {})}
-    return atomic_path(Path(path), lambda tmp: torch.save(blob, tmp))
+    return save_torch(blob, Path(path))

@@ -34,7 +34,7 @@ from dad_core.attack import Discretizer, generate_dad_samples
 from dad_core.config import DADConfig, config_to_dict
 from dad_core.data import ImageFolderDataset, create_eval_transform, read_classes
 from dad_core.errors import DADError
-from dad_core.io import atomic_path, atomic_write_json, sha256_file
+from dad_core.io import atomic_path, atomic_write_json, save_torch, sha256_file
 from dad_core.losses import soften
 from dad_core.views import apply_view, sample_views
 
@@ -105,6 +105,7 @@ def cache_dependencies(cfg: DADConfig, *, dataset: str, teacher_checkpoint_sha25
                   "crop_scale": list(cfg.train.crop_scale), "hflip": cfg.train.hflip,
                   "randaugment": cfg.train.randaugment, "temperature": cfg.loss.temperature},
         "shard_size": cfg.cache.shard_size,
+        "batch_size": cfg.cache.batch_size,  # the random-start coin is drawn once per batch: it shapes the bytes
         "package_version": __version__,
     }
 
@@ -196,13 +197,6 @@ def _batched_probs(teacher, images: Tensor, batch_size: int, device, T: float, a
     return torch.cat(chunks)
 
 
-def _save(shard: dict[str, Tensor], path: Path) -> None:
-    # Through a file object: given a path, torch names the archive's records after the (random) temporary file
-    # name, and the same shard would get another sha256 on every run.
-    with open(path, "wb") as handle:
-        torch.save(shard, handle)
-
-
 def _shard_paths(root: Path, shard_id: int) -> tuple[Path, Path]:
     return root / f"shard-{shard_id:05d}.pt", root / f"shard-{shard_id:05d}.json"
 
@@ -225,7 +219,7 @@ def _compiled(teacher: nn.Module, vqgan: Discretizer) -> tuple[nn.Module, Discre
 def _write_shard(root: Path, shard_id: int, start: int, shard: dict[str, Tensor]) -> None:
     """Save a shard atomically, then its sidecar: a shard counts as done only once the sidecar exists."""
     data_path, sidecar = _shard_paths(root, shard_id)
-    atomic_path(data_path, lambda tmp: torch.save(shard, tmp))
+    save_torch(shard, data_path)
     atomic_write_json(sidecar, {"shard": shard_id, "start": start, "count": len(shard["labels"]),
                                 "sha256": sha256_file(data_path)})
 
@@ -289,19 +283,24 @@ def cache_teacher(
     total_shards = (len(dataset) + cfg.cache.shard_size - 1) // cfg.cache.shard_size
     mine = list(range(shard_index, total_shards, num_shards))
     written, skipped, images, start = [], [], 0, time.perf_counter()
-    for shard_id in tqdm(mine, desc=f"cache shards (worker {shard_index}/{num_shards})", disable=not progress):
-        if _shard_is_valid(root, shard_id):
-            skipped.append(shard_id)
-            continue
-        lo = shard_id * cfg.cache.shard_size
-        indices = list(range(lo, min(lo + cfg.cache.shard_size, len(dataset))))
-        shard = _make_shard(teacher, vqgan, dataset, indices, cfg, shard_id, device)
-        data_path, sidecar = _shard_paths(root, shard_id)
-        atomic_path(data_path, lambda tmp, shard=shard: _save(shard, tmp))
-        atomic_write_json(sidecar, {"shard": shard_id, "start": lo, "count": len(indices),
-                                    "sha256": sha256_file(data_path)})
-        written.append(shard_id)
-        images += len(indices)
+    # One writer thread: shard k is saved and hashed while shard k+1 is computed; at most one write is pending,
+    # so memory holds at most two shards.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for shard_id in tqdm(mine, desc=f"cache shards (worker {shard_index}/{num_shards})", disable=not progress):
+            if _shard_is_valid(root, shard_id):
+                skipped.append(shard_id)
+                continue
+            lo = shard_id * cfg.cache.shard_size
+            indices = list(range(lo, min(lo + cfg.cache.shard_size, len(dataset))))
+            shard = _make_shard(teacher, vqgan, dataset, indices, cfg, shard_id, device)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(_write_shard, root, shard_id, lo, shard)
+            written.append(shard_id)
+            images += len(indices)
+        if pending is not None:
+            pending.result()
     seconds = time.perf_counter() - start
     manifest = finalize_cache(root, total_shards=total_shards, num_samples=len(dataset))
     _logger.info("cache worker %d/%d: %d shards written, %d skipped, %.1f images/s", shard_index, num_shards,

@@ -53,8 +53,8 @@ def _expected_deps(cfg: DADConfig, data_root: Path) -> dict[str, Any]:
         cfg.vqgan.checkpoint).is_file() else None
     deps = cache_dependencies(cfg, dataset=dataset_hash(data_root), teacher_checkpoint_sha256=teacher_sha,
                               vqgan_checkpoint_sha256=vqgan_sha)
-    deps.pop("package_version")
-    deps.pop("shard_size")
+    for key in ("package_version", "shard_size", "batch_size"):  # how the cache was made, not what it holds
+        deps.pop(key)
     if cfg.train.teacher_mode == "online" or deps["views"]["views"] == 0:
         deps.pop("views")  # the stored views only matter when they are replayed
     return deps

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from dad_core.config import ConfigError
 from dad_core.errors import DADError
-from dad_core.io import atomic_path, sha256_file
+from dad_core.io import atomic_path, save_torch, sha256_file
 
 __all__ = [
     "VQGAN",
@@ -344,7 +344,7 @@ class VQGAN(nn.Module):
 
             metadata = {"dad_config": json.dumps(self.config)}
             return atomic_path(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-        return atomic_path(path, lambda tmp: torch.save({"state_dict": state, "dad_config": self.config}, tmp))
+        return save_torch({"state_dict": state, "dad_config": self.config}, path)
 
     @property
     def downsample_factor(self) -> int:

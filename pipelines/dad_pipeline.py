@@ -97,19 +97,22 @@ def _on_gpu(task: dsl.PipelineTask, gpus: Any, tolerations: Any, node_selector: 
 
 
 def _checkpoint(uri: Any, train: Any, label: str, **inputs: Any) -> dsl.PipelineTask:
-    """Train a checkpoint when ``uri`` is empty, else use ``uri``; either way, import it as a ``Model``."""
+    """Train a checkpoint when ``uri`` is empty, else use ``uri``; either way, import it as a ``Model``.
+
+    Returns:
+        The importer task; its ``.output`` is the checkpoint.
+    """
     with dsl.If(uri == "", name=f"no-{label}-checkpoint"):
         trained = train(**inputs)
     with dsl.Else(name=f"{label}-checkpoint-given"):
         given = _client_pod(use_checkpoint(uri=uri)).set_display_name(f"use-{label}-checkpoint")
     chosen = dsl.OneOf(trained.outputs["Output"], given.output)
     importer = dsl.importer(artifact_uri=chosen, artifact_class=dsl.Model, reimport=False)
-    importer.set_display_name(f"import-{label}")
-    return trained, importer
+    return importer.set_display_name(f"import-{label}")
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Discrete Adversarial Distillation of a CLIP teacher into a timm student")
-def dad_pipeline(  # noqa: PLR0913 - one parameter per user-facing knob
+def dad_pipeline(
     params: list = [],  # noqa: B006 - a KFP parameter default (compiled into the spec), never mutated
     teacher_checkpoint: str = "",
     vqgan_checkpoint: str = "",
@@ -129,7 +132,7 @@ def dad_pipeline(  # noqa: PLR0913 - one parameter per user-facing knob
     gpu_tolerations: list = GPU_TOLERATIONS,  # noqa: B006 - as above
     gpu_node_selector: dict = {},  # noqa: B006 - as above
 ) -> str:
-    """Distil a CLIP teacher's OOD robustness into a small student (DESIGN section 2); returns the model version URI.
+    """Distil a CLIP teacher's OOD robustness into a small student; returns the registered version's URI.
 
     Args:
         params: dotted config overrides for every step, e.g. ``["train.epochs=2"]`` (defaults: ``params.yaml``).
@@ -160,8 +163,8 @@ def dad_pipeline(  # noqa: PLR0913 - one parameter per user-facing knob
     def gpu_step(component: Any, **inputs: Any) -> dsl.PipelineTask:
         return _on_gpu(_client_pod(component(dataset=dataset, params=params, **inputs)), GPUS_PER_STEP, **gpu)
 
-    _, teacher = _checkpoint(teacher_checkpoint, gpu_step, "teacher", component=finetune_teacher)
-    _, vqgan = _checkpoint(vqgan_checkpoint, gpu_step, "vqgan", component=train_vqgan)
+    teacher = _checkpoint(teacher_checkpoint, gpu_step, "teacher", component=finetune_teacher)
+    vqgan = _checkpoint(vqgan_checkpoint, gpu_step, "vqgan", component=train_vqgan)
 
     cache_dir = f"{workdir}/cache/{run_id}"
     shards = _client_pod(shard_indices(num_shards=num_shards))
@@ -329,20 +332,32 @@ def _probe(host: str, timeout_s: float) -> None:
 
 
 def submit(args: argparse.Namespace, arguments: dict[str, Any]) -> int:
+    """Compile the pipeline and start a run of it on the Kubeflow Pipelines backend at ``args.host``."""
+    import warnings
+
     import kfp
 
+    warnings.filterwarnings(
+        "ignore", message="This client only works with Kubeflow Pipeline v2", category=FutureWarning
+    )
     _probe(args.host, args.timeout)
-    client = kfp.Client(host=args.host, namespace=args.namespace)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(Path(tmp) / "dad_pipeline.yaml")
-        run = client.create_run_from_pipeline_package(
-            str(package),
-            arguments=arguments,
-            run_name=args.run_name,
-            experiment_name=args.experiment,
-            namespace=args.namespace,
-            service_account=args.service_account,
-        )
+        try:
+            client = kfp.Client(host=args.host, namespace=args.namespace)
+            run = client.create_run_from_pipeline_package(
+                str(package),
+                arguments=arguments,
+                run_name=args.run_name,
+                experiment_name=args.experiment,
+                namespace=args.namespace,
+                service_account=args.service_account,
+            )
+        except Exception as err:  # the client raises many types (ApiException, MaxRetryError, ValueError, ...)
+            message = " ".join(str(err).split())[:300]
+            raise UsageError(
+                f"Kubeflow Pipelines at {args.host} refused the run: {type(err).__name__}: {message}"
+            ) from None
     print(f"submitted run {run.run_id} to {args.host} (experiment {args.experiment!r})")
     return 0
 
@@ -368,6 +383,8 @@ def run_local(output_dir: Path, arguments: dict[str, Any]) -> int:
     for key in ("workdir", "teacher_checkpoint", "vqgan_checkpoint"):
         arguments[key] = _absolute(arguments.get(key, ""))
     Path(arguments["workdir"]).mkdir(parents=True, exist_ok=True)
+    if not Path("params.yaml").is_file():
+        print("note: no params.yaml in this folder: the steps run with the built-in defaults", file=sys.stderr)
     runs = output_dir / "runs"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs), raise_on_error=True)
     start = time.monotonic()

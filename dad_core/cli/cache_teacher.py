@@ -54,7 +54,9 @@ def _body(argv: list[str] | None) -> int:
     classes = read_classes(data_root / "classes.txt")
     teacher = create_clip_teacher(t.model_name, t.pretrained, t.checkpoint, list(classes.names), t.templates,
                                   device=device)
-    vqgan = VQGAN.from_checkpoint(v.checkpoint, config=v.config).to(device).eval() if v.checkpoint else IdentityDiscretizer()
+    vqgan = IdentityDiscretizer()
+    if v.checkpoint:
+        vqgan = VQGAN.from_checkpoint(v.checkpoint, config=v.config).to(device).eval()
     local = lambda p: sha256_file(Path(p)) if p and Path(p).is_file() else None  # noqa: E731
     report = cache_teacher(cfg, data_root, output, teacher, vqgan, shard_index=args.shard_index,
                            num_shards=args.num_shards, device=device, teacher_checkpoint_sha256=local(t.checkpoint),

@@ -26,7 +26,7 @@ NUM_CLASSES = 12
 def _make_source(root: Path) -> Path:
     """``train/<k>/`` and ``val/<k>/`` for k in 0..11 (numbered folders), noise with a class-coded corner."""
     rng = np.random.default_rng(0)
-    for split, per_class in (("train", 10), ("val", 2)):
+    for split, per_class in (("train", 6), ("val", 2)):
         for k in range(NUM_CLASSES):
             folder = root / split / str(k)
             folder.mkdir(parents=True)
@@ -51,10 +51,28 @@ def workspace(tmp_path_factory):
     teacher = base / "models" / "teacher.pt"
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(base)  # the repository's params.yaml must not leak in: built-in defaults
-        code = main(["finetune-teacher", "--data-root", str(base / "data"), "--output", str(teacher),
-                     "-p", "finetune.epochs=1", "--no-progress", "--device", "cpu"])
-    return {"base": base, "source": source, "data": base / "data", "vqgan": Path(vqgan), "teacher": teacher,
-            "finetune_code": code}
+        code = main(
+            [
+                "finetune-teacher",
+                "--data-root",
+                str(base / "data"),
+                "--output",
+                str(teacher),
+                "-p",
+                "finetune.epochs=1",
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+    return {
+        "base": base,
+        "source": source,
+        "data": base / "data",
+        "vqgan": Path(vqgan),
+        "teacher": teacher,
+        "finetune_code": code,
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +84,7 @@ def test_finetune_teacher_writes_a_checkpoint_and_a_report(workspace):
     assert workspace["finetune_code"] == 0
     teacher = workspace["teacher"]
     report = json.loads(teacher.with_name("teacher.pt.report.json").read_text())
-    assert report["epochs"] == 1 and report["steps"] == 120 // 64  # drop_last: 1 step per full batch of 64
+    assert report["epochs"] == 1 and report["steps"] == 72 // 64  # drop_last: one step per full batch of 64
     assert report["output"] == str(teacher) and report["sha256"] == sha256_file(teacher)
     assert 0 <= report["zero_shot_top1"] <= 100 and 0 <= report["top1"] <= 100
     names = read_classes(workspace["data"] / "classes.txt").names
@@ -76,9 +94,24 @@ def test_finetune_teacher_writes_a_checkpoint_and_a_report(workspace):
 
 def test_cache_teacher_with_two_workers_leaves_a_complete_cache(workspace, tmp_path, capsys):
     out = tmp_path / "cache"
-    common = ["cache-teacher", "--data-root", str(workspace["data"]), "--output", str(out),
-              "--teacher-checkpoint", str(workspace["teacher"]), "--vqgan-checkpoint", str(workspace["vqgan"]),
-              "-p", "cache.shard_size=50", "--num-shards", "2", "--no-progress", "--device", "cpu"]
+    common = [
+        "cache-teacher",
+        "--data-root",
+        str(workspace["data"]),
+        "--output",
+        str(out),
+        "--teacher-checkpoint",
+        str(workspace["teacher"]),
+        "--vqgan-checkpoint",
+        str(workspace["vqgan"]),
+        "-p",
+        "cache.shard_size=30",
+        "--num-shards",
+        "2",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert main([*common, "--shard-index", "0"]) == 0
     assert "waiting for other workers" in capsys.readouterr().out
     assert not (out / "manifest.json").exists()
@@ -88,7 +121,7 @@ def test_cache_teacher_with_two_workers_leaves_a_complete_cache(workspace, tmp_p
     assert reports[0]["shards_written"] == [0, 2] and reports[1]["shards_written"] == [1]
     assert not reports[0]["complete"] and reports[1]["complete"]
     cache = load_teacher_cache(out, num_classes=NUM_CLASSES)  # every checksum verified
-    assert len(cache) == 120 and cache.manifest["num_shards"] == 3
+    assert len(cache) == 72 and cache.manifest["num_shards"] == 3
     assert cache.labels().tolist() == open_split(workspace["data"], "train").targets
     assert cache.manifest["teacher"]["checkpoint_sha256"] == sha256_file(workspace["teacher"])
     assert cache.manifest["vqgan"]["checkpoint_sha256"] == sha256_file(workspace["vqgan"])
@@ -97,8 +130,9 @@ def test_cache_teacher_with_two_workers_leaves_a_complete_cache(workspace, tmp_p
         assert grid.mode == "RGB" and grid.size[0] > grid.size[1] > 32
 
 
-def test_cache_teacher_without_a_vqgan_checkpoint_exits_2_before_loading_the_teacher(workspace, tmp_path, capsys,
-                                                                                     monkeypatch):
+def test_cache_teacher_without_a_vqgan_checkpoint_exits_2_before_loading_the_teacher(
+    workspace, tmp_path, capsys, monkeypatch
+):
     import dad_core.teacher
 
     def no_teacher(*args, **kwargs):
@@ -106,8 +140,21 @@ def test_cache_teacher_without_a_vqgan_checkpoint_exits_2_before_loading_the_tea
 
     monkeypatch.setattr(dad_core.teacher, "create_clip_teacher", no_teacher)
     out = tmp_path / "cache"
-    assert main(["cache-teacher", "--data-root", str(workspace["data"]), "--output", str(out), "--no-progress",
-                 "-p", "attack.mode=dad"]) == 2
+    assert (
+        main(
+            [
+                "cache-teacher",
+                "--data-root",
+                str(workspace["data"]),
+                "--output",
+                str(out),
+                "--no-progress",
+                "-p",
+                "attack.mode=dad",
+            ]
+        )
+        == 2
+    )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "vqgan.checkpoint" in errors[0]
     assert not out.exists()
@@ -118,8 +165,23 @@ def test_cache_teacher_names_a_truncated_image(workspace, tmp_path, capsys):
     prepare_folder(source, tmp_path / "data", load_config(None, []).data, progress=False)
     bad = source / "train" / "3" / "img04.png"
     bad.write_bytes(bad.read_bytes()[:50])  # damaged after prepare-data checked it
-    assert main(["cache-teacher", "--data-root", str(tmp_path / "data"), "--output", str(tmp_path / "cache"),
-                 "--vqgan-checkpoint", str(workspace["vqgan"]), "--no-progress", "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "cache-teacher",
+                "--data-root",
+                str(tmp_path / "data"),
+                "--output",
+                str(tmp_path / "cache"),
+                "--vqgan-checkpoint",
+                str(workspace["vqgan"]),
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error:")]

@@ -137,9 +137,14 @@ def test_soft_labels_are_the_teachers_probabilities_on_the_stored_pixels_and_vie
             assert not torch.allclose(have, soften(logits, 1.0), atol=1e-2)  # the temperature matters
             assert float(want.max(1).values.mean()) > 0.15  # well above uniform (0.1): the check has teeth
             for r in range(cache.views):
-                views = torch.stack([apply_view(shard[name][j], shard["views"][j, r], cfg.data.image_size,
-                                                randaugment=cfg.train.randaugment)
-                                     for j in range(len(shard["labels"]))])
+                views = torch.stack(
+                    [
+                        apply_view(
+                            shard[name][j], shard["views"][j, r], cfg.data.image_size, randaugment=cfg.train.randaugment
+                        )
+                        for j in range(len(shard["labels"]))
+                    ]
+                )
                 have = torch.stack([cache.probs(shard, j, name, view=r) for j in range(len(shard["labels"]))])
                 torch.testing.assert_close(have, soften(teacher(views), T), atol=1e-3, rtol=0)
         assert not torch.equal(shard["view_clean_topv"][:, 0], shard["view_clean_topv"][:, 1])  # two different views
@@ -205,8 +210,16 @@ def _numbered_cfg(*extra: str):
 
 
 def _cache_numbered(root: Path, out: Path, *extra: str, **kwargs):
-    return cache_teacher(_numbered_cfg(*extra), root, out, _teacher(NUMBERED_CLASSES), _pool(), progress=False,
-                         teacher_checkpoint_sha256=TEACHER_SHA, **kwargs)
+    return cache_teacher(
+        _numbered_cfg(*extra),
+        root,
+        out,
+        _teacher(NUMBERED_CLASSES),
+        _pool(),
+        progress=False,
+        teacher_checkpoint_sha256=TEACHER_SHA,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -307,20 +320,19 @@ def test_a_run_killed_mid_shard_resumes_from_that_shard(numbered_root, numbered_
 
     single, _ = numbered_cache
     out = tmp_path / "cache"
-    save = tc._save
+    save = tc.save_torch
 
     def dying_save(shard, path):
         if int(shard["indices"][0]) == 3 * 25:
-            path.write_bytes(b"partial")
-            raise KeyboardInterrupt  # killed while writing shard 3
-        save(shard, path)
+            raise KeyboardInterrupt  # killed while writing shard 3 (the atomic write leaves no partial file)
+        return save(shard, path)
 
-    monkeypatch.setattr(tc, "_save", dying_save)
+    monkeypatch.setattr(tc, "save_torch", dying_save)
     with pytest.raises(KeyboardInterrupt):
         _cache_numbered(numbered_root, out)
     assert sorted(p.name for p in _shards(out)) == ["shard-00000.pt", "shard-00001.pt", "shard-00002.pt"]
     assert not (out / "manifest.json").exists()
-    monkeypatch.setattr(tc, "_save", save)
+    monkeypatch.setattr(tc, "save_torch", save)
     report = _cache_numbered(numbered_root, out)
     assert report["shards_written"] == [3, 4, 5] and report["shards_skipped"] == [0, 1, 2] and report["complete"]
     for path in _shards(single):
@@ -331,8 +343,12 @@ def test_load_refuses_a_cache_made_from_other_inputs(numbered_root, numbered_cac
     out, _ = numbered_cache
 
     def expected(*overrides: str, dataset: str | None = None, teacher_sha: str = TEACHER_SHA):
-        return cache_dependencies(_numbered_cfg(*overrides), dataset=dataset or dataset_hash(numbered_root),
-                                  teacher_checkpoint_sha256=teacher_sha, vqgan_checkpoint_sha256=None)
+        return cache_dependencies(
+            _numbered_cfg(*overrides),
+            dataset=dataset or dataset_hash(numbered_root),
+            teacher_checkpoint_sha256=teacher_sha,
+            vqgan_checkpoint_sha256=None,
+        )
 
     assert len(load_teacher_cache(out, num_classes=NUMBERED_CLASSES, expected=expected())) == 144
     cases = [
@@ -354,8 +370,15 @@ def test_writing_into_a_cache_made_from_other_inputs_raises(numbered_root, numbe
     with pytest.raises(CacheMismatchError, match="differs in: attack"):
         _cache_numbered(numbered_root, out, "attack.eps=0.2")
     with pytest.raises(CacheMismatchError, match="differs in: teacher"):
-        cache_teacher(_numbered_cfg(), numbered_root, out, _teacher(NUMBERED_CLASSES), _pool(), progress=False,
-                      teacher_checkpoint_sha256="cd" * 32)
+        cache_teacher(
+            _numbered_cfg(),
+            numbered_root,
+            out,
+            _teacher(NUMBERED_CLASSES),
+            _pool(),
+            progress=False,
+            teacher_checkpoint_sha256="cd" * 32,
+        )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing was touched
 
 

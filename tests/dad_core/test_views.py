@@ -36,7 +36,7 @@ def test_a_native_size_view_is_exactly_the_crop_box():
     image = _image(40, 36)
     top, left, size = 7, 11, 20
     out = apply_view(image, ViewSpec(top, left, size, size, False, 0), size)
-    assert torch.equal(out, image[:, top:top + size, left:left + size].float() / 255.0)
+    assert torch.equal(out, image[:, top : top + size, left : left + size].float() / 255.0)
     # uint8 and [0, 1] float inputs give the same view
     assert torch.equal(out, apply_view(image.float() / 255.0, ViewSpec(top, left, size, size, False, 0), size))
 
@@ -53,7 +53,10 @@ def _box_fits(v: ViewSpec, height: int, width: int, scale, ratio) -> bool:
     """The rounded box comes from some real (w, h) within 0.5 px whose area and aspect are inside the bounds."""
     area = height * width
     return (
-        0 <= v.top and v.top + v.height <= height and 0 <= v.left and v.left + v.width <= width
+        0 <= v.top
+        and v.top + v.height <= height
+        and 0 <= v.left
+        and v.left + v.width <= width
         and (v.width - 0.5) * (v.height - 0.5) <= scale[1] * area
         and (v.width + 0.5) * (v.height + 0.5) >= scale[0] * area
         and (v.width - 0.5) / (v.height + 0.5) <= ratio[1]
@@ -61,8 +64,9 @@ def _box_fits(v: ViewSpec, height: int, width: int, scale, ratio) -> bool:
     )
 
 
-@pytest.mark.parametrize(("height", "width", "scale"), [(224, 224, (0.08, 1.0)), (32, 32, (0.35, 1.0)),
-                                                         (180, 240, (0.5, 0.6))])
+@pytest.mark.parametrize(
+    ("height", "width", "scale"), [(224, 224, (0.08, 1.0)), (32, 32, (0.35, 1.0)), (180, 240, (0.5, 0.6))]
+)
 def test_sampled_boxes_are_inside_the_image_and_respect_scale_and_ratio(height, width, scale):
     rng = np.random.default_rng(0)
     ratio = (3 / 4, 4 / 3)

@@ -336,7 +336,7 @@ def test_local_run_trains_evaluates_and_registers(tmp_path, mlflow_sqlite_uri):
     assert training.data.params["train.epochs"] == "1" and "val_top1" in training.data.metrics
     assert {"config.yaml", "report.json", "model"} <= {a.path for a in client.list_artifacts(training.info.run_id)}
     version = client.get_model_version_by_alias("dad-student", "champion")
-    assert set(version.aliases) == {"challenger", "champion"} and version.version == "1"
+    assert set(version.aliases) == {"challenger", "champion"} and str(version.version) == "1"
     assert version.tags["dad.metric.ood_mean_top1"] == str(report["ood_mean_top1"])
     mlflow.set_tracking_uri(mlflow_sqlite_uri)
     model = mlflow.pytorch.load_model("models:/dad-student@champion")
