@@ -57,5 +57,7 @@ RUN groupadd --gid 10001 dad \
     && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin dad
 USER 10001:10001
 WORKDIR /home/dad
+# The steps read their defaults from params.yaml in the working folder, as they do in a checkout.
+COPY --chown=10001:10001 params.yaml ./
 
 CMD ["dad", "--help"]

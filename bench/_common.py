@@ -44,25 +44,44 @@ __all__ = [
 ]
 
 _TEACHERS: dict[tuple, nn.Module] = {}  # built teachers, reused within a process (they are frozen)
-ROW_COLUMNS = ("name", "batch_size", "dtype", "channels_last", "compile", "images_per_s", "ms_per_step", "ratio",
-               "compile_s")
+ROW_COLUMNS = (
+    "name",
+    "batch_size",
+    "dtype",
+    "channels_last",
+    "compile",
+    "images_per_s",
+    "ms_per_step",
+    "ratio",
+    "compile_s",
+)
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, rows: tuple[str, ...], default_rows: tuple[str, ...]) -> None:
     """Arguments every benchmark takes; ``rows`` are the row names the script knows."""
-    parser.add_argument("--full", action="store_true",
-                        help="the real shapes (ViT-L-14 teacher, f8-16384 VQGAN, 224 px); meant for a GPU")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the real shapes (ViT-L-14 teacher, f8-16384 VQGAN, 224 px); meant for a GPU",
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--batch-size", type=int, help="override the batch size of the chosen configuration")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     parser.add_argument("--iters", type=int, default=5, help="timed calls; the median is reported (default 5)")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile rows")
-    parser.add_argument("--rows", default=None,
-                        help=f"comma-separated rows to run, from {','.join(rows)} (default: {','.join(default_rows)}"
-                             " plus the -compiled rows with --compile)")
-    parser.add_argument("--reference-precision", choices=("ieee", "tf32"), default="ieee",
-                        help="fp32 matmul/conv precision of the reference rows: ieee (TF32 off, as DESIGN §6 "
-                             "measured the reference) or tf32 (default: ieee)")
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help=f"comma-separated rows to run, from {','.join(rows)} (default: {','.join(default_rows)}"
+        " plus the -compiled rows with --compile)",
+    )
+    parser.add_argument(
+        "--reference-precision",
+        choices=("ieee", "tf32"),
+        default="ieee",
+        help="fp32 matmul/conv precision of the reference rows: ieee (TF32 off, as DESIGN §6 "
+        "measured the reference) or tf32 (default: ieee)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
@@ -137,10 +156,14 @@ def _has_new_precision_api() -> bool:
 def precision_state() -> dict[str, Any]:
     """The fp32 matmul/conv precision in force (TF32 or IEEE), read through the API this torch has."""
     if _has_new_precision_api():
-        return {"matmul": torch.backends.cuda.matmul.fp32_precision,
-                "cudnn_conv": torch.backends.cudnn.conv.fp32_precision}
-    return {"matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
+        return {
+            "matmul": torch.backends.cuda.matmul.fp32_precision,
+            "cudnn_conv": torch.backends.cudnn.conv.fp32_precision,
+        }
+    return {
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+    }
 
 
 @contextlib.contextmanager
@@ -192,9 +215,13 @@ def device_info(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(device_name=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                    cudnn_benchmark=torch.backends.cudnn.benchmark)
+        info.update(
+            device_name=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
+        )
     else:
         info["device_name"] = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
     return info
@@ -230,8 +257,9 @@ def create_teacher(model_name: str, num_classes: int, device: torch.device, *, s
     if key in _TEACHERS:  # run_all builds ViT-L-14 once for the generation and training benchmarks
         return _TEACHERS[key]
     torch.manual_seed(seed)
-    classifier = create_clip_classifier(model_name, None, [f"class {i}" for i in range(num_classes)], "plain",
-                                        device=device, build_head=False)
+    classifier = create_clip_classifier(
+        model_name, None, [f"class {i}" for i in range(num_classes)], "plain", device=device, build_head=False
+    )
     with torch.no_grad():
         head = torch.randn(classifier.head.shape, generator=torch.Generator().manual_seed(seed))
         classifier.head.copy_(F.normalize(head, dim=-1))
@@ -239,8 +267,16 @@ def create_teacher(model_name: str, num_classes: int, device: torch.device, *, s
     return _TEACHERS[key]
 
 
-def measure(name: str, step: Callable[[], Any], device: torch.device, *, warmup: int, iters: int,
-            images_per_step: int, **fields: Any) -> dict[str, Any]:
+def measure(
+    name: str,
+    step: Callable[[], Any],
+    device: torch.device,
+    *,
+    warmup: int,
+    iters: int,
+    images_per_step: int,
+    **fields: Any,
+) -> dict[str, Any]:
     """Time ``step`` and return one result row; an error (out of memory, say) becomes the row's ``error``."""
     row: dict[str, Any] = {"name": name, **fields, "images_per_step": images_per_step}
     try:
@@ -251,10 +287,13 @@ def measure(name: str, step: Callable[[], Any], device: torch.device, *, warmup:
         traceback.print_exc(limit=3, file=sys.stderr)
         free_memory(device)
         return row
-    row.update(ms_per_step=round(timing.median_s * 1000, 3), ms_min=round(timing.min_s * 1000, 3),
-               images_per_s=float(f"{images_per_step / timing.median_s:.4g}"),
-               first_call_s=round(timing.first_s, 3) if timing.first_s is not None else None,
-               times_ms=[round(t * 1000, 3) for t in timing.times_s])
+    row.update(
+        ms_per_step=round(timing.median_s * 1000, 3),
+        ms_min=round(timing.min_s * 1000, 3),
+        images_per_s=float(f"{images_per_step / timing.median_s:.4g}"),
+        first_call_s=round(timing.first_s, 3) if timing.first_s is not None else None,
+        times_ms=[round(t * 1000, 3) for t in timing.times_s],
+    )
     if fields.get("compile") and timing.first_s is not None:
         row["compile_s"] = round(max(timing.first_s - timing.median_s, 0.0), 2)
     if device.type == "cuda":
@@ -268,8 +307,9 @@ def _rate(rows: list[dict[str, Any]], name: str) -> float | None:
     return row.get("images_per_s") if row else None
 
 
-def ratio_entry(rows: list[dict[str, Any]], numerator: str, denominator: str,
-                target: float | None = None, note: str = "") -> dict[str, Any]:
+def ratio_entry(
+    rows: list[dict[str, Any]], numerator: str, denominator: str, target: float | None = None, note: str = ""
+) -> dict[str, Any]:
     """``images_per_s`` of one row over another's (None when either is missing or failed), against a target."""
     top, bottom = _rate(rows, numerator), _rate(rows, denominator)
     value = round(top / bottom, 3) if top and bottom else None
@@ -310,8 +350,10 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = ROW_COLU
 def format_result(result: dict[str, Any]) -> str:
     """The header line, the rows table and the ratios table of one benchmark's result."""
     info = result["device_info"]
-    head = (f"## {result['benchmark']} — {info['device_name']}, torch {info['torch']}, "
-            f"{'full' if result['config'].get('full') else 'tiny'} configuration")
+    head = (
+        f"## {result['benchmark']} — {info['device_name']}, torch {info['torch']}, "
+        f"{'full' if result['config'].get('full') else 'tiny'} configuration"
+    )
     parts = [head, "", format_table(result["rows"])]
     if result.get("ratios"):
         parts += ["", format_table(result["ratios"], ("name", "value", "target", "meets", "note"))]

@@ -34,8 +34,14 @@ def cache_bytes_per_image(image_size: int = 224, topk: int = 10, views: int = 2,
     return images + ids + soft_labels + view_table + view_soft_labels
 
 
-def scale_out(gen_images_per_s: float | None, train_images_per_s: float | None, *, gpus: tuple[int, ...] = (1, 8, 64),
-              images: int = IMAGENET_TRAIN_IMAGES, bytes_per_image: int | None = None) -> dict[str, Any]:
+def scale_out(
+    gen_images_per_s: float | None,
+    train_images_per_s: float | None,
+    *,
+    gpus: tuple[int, ...] = (1, 8, 64),
+    images: int = IMAGENET_TRAIN_IMAGES,
+    bytes_per_image: int | None = None,
+) -> dict[str, Any]:
     """Storage, time and traffic for caching and training on ``images`` with perfect scaling across ``gpus``.
 
     Args:
@@ -52,30 +58,52 @@ def scale_out(gen_images_per_s: float | None, train_images_per_s: float | None, 
     cache = per_image * images
     rows = []
     for g in gpus:
-        rows.append({
-            "gpus": g,
-            "generation_h": round(images / (g * gen_images_per_s) / 3600, 3) if gen_images_per_s else None,
-            "epoch_h": round(images / (g * train_images_per_s) / 3600, 3) if train_images_per_s else None,
-            # each epoch reads every sample's clean + DAD image and soft labels once, whatever the GPU count
-            "epoch_read_gb": round(cache / 1e9, 1),
-            "epoch_read_gb_per_s": round(cache / (images / (g * train_images_per_s)) / 1e9, 3)
-            if train_images_per_s else None,
-            # load_teacher_cache(verify=True) hashes every shard on every rank before training starts
-            "startup_verify_read_gb": round(g * cache / 1e9, 1),
-        })
-    return {"images": images, "bytes_per_image": per_image, "cache_bytes": cache, "cache_gb": round(cache / 1e9, 1),
-            "cache_gib": round(cache / 2**30, 1), "per_gpus": rows}
+        rows.append(
+            {
+                "gpus": g,
+                "generation_h": round(images / (g * gen_images_per_s) / 3600, 3) if gen_images_per_s else None,
+                "epoch_h": round(images / (g * train_images_per_s) / 3600, 3) if train_images_per_s else None,
+                # each epoch reads every sample's clean + DAD image and soft labels once, whatever the GPU count
+                "epoch_read_gb": round(cache / 1e9, 1),
+                "epoch_read_gb_per_s": round(cache / (images / (g * train_images_per_s)) / 1e9, 3)
+                if train_images_per_s
+                else None,
+                # load_teacher_cache(verify=True) hashes every shard on every rank before training starts
+                "startup_verify_read_gb": round(g * cache / 1e9, 1),
+            }
+        )
+    return {
+        "images": images,
+        "bytes_per_image": per_image,
+        "cache_bytes": cache,
+        "cache_gb": round(cache / 1e9, 1),
+        "cache_gib": round(cache / 2**30, 1),
+        "per_gpus": rows,
+    }
 
 
 def format_scale_out(costs: dict[str, Any]) -> str:
     """A Markdown table of :func:`scale_out`'s result."""
-    head = (f"{costs['images']:,} images x {costs['bytes_per_image']:,} B = {costs['cache_gb']:,} GB "
-            f"({costs['cache_gib']:,} GiB) of cache")
-    lines = [head, "", "| GPUs | cache generation (h) | one epoch, cached (h) | cache read per epoch (GB) | "
-                       "read rate while training (GB/s) | start-up checksum reads (GB) |", "|---|---|---|---|---|---|"]
+    head = (
+        f"{costs['images']:,} images x {costs['bytes_per_image']:,} B = {costs['cache_gb']:,} GB "
+        f"({costs['cache_gib']:,} GiB) of cache"
+    )
+    lines = [
+        head,
+        "",
+        "| GPUs | cache generation (h) | one epoch, cached (h) | cache read per epoch (GB) | "
+        "read rate while training (GB/s) | start-up checksum reads (GB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in costs["per_gpus"]:
-        cells = [r["gpus"], r["generation_h"], r["epoch_h"], r["epoch_read_gb"], r["epoch_read_gb_per_s"],
-                 r["startup_verify_read_gb"]]
+        cells = [
+            r["gpus"],
+            r["generation_h"],
+            r["epoch_h"],
+            r["epoch_read_gb"],
+            r["epoch_read_gb_per_s"],
+            r["startup_verify_read_gb"],
+        ]
         lines.append("| " + " | ".join("–" if c is None else f"{c:,}" for c in cells) + " |")
     return "\n".join(lines)
 
@@ -91,8 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=IMAGENET_TRAIN_IMAGES)
     args = parser.parse_args(argv)
     per_image = cache_bytes_per_image(args.image_size, args.topk, args.views)
-    print(format_scale_out(scale_out(args.gen_images_per_s, args.train_images_per_s, gpus=tuple(args.gpus),
-                                     images=args.images, bytes_per_image=per_image)))
+    print(
+        format_scale_out(
+            scale_out(
+                args.gen_images_per_s,
+                args.train_images_per_s,
+                gpus=tuple(args.gpus),
+                images=args.images,
+                bytes_per_image=per_image,
+            )
+        )
+    )
     return 0
 
 

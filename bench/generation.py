@@ -81,8 +81,17 @@ def _l2(x: Tensor) -> Tensor:
     return x.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
 
-def naive_pgd(teacher: nn.Module, centre: Tensor, labels: Tensor, *, eps: float, step_size: float, steps: int,
-              random_start: float, generator: torch.Generator) -> Tensor:
+def naive_pgd(
+    teacher: nn.Module,
+    centre: Tensor,
+    labels: Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    random_start: float,
+    generator: torch.Generator,
+) -> Tensor:
     """L2 PGD on the teacher's cross-entropy around ``centre``, drawing random numbers in the product's order."""
     adv = centre.clone()
     if torch.rand((), generator=generator, device=generator.device).item() < random_start:
@@ -99,12 +108,27 @@ def naive_pgd(teacher: nn.Module, centre: Tensor, labels: Tensor, *, eps: float,
     return adv.detach()
 
 
-def naive_step(teacher: nn.Module, vqgan: nn.Module, images: Tensor, labels: Tensor, attack, temperature: float,
-               generator: torch.Generator) -> dict[str, Tensor]:
+def naive_step(
+    teacher: nn.Module,
+    vqgan: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    attack,
+    temperature: float,
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
     """VQ -> PGD -> VQ -> soft labels of the clean and DAD image (the teacher run again for both)."""
     x0, codes_x0 = naive_reconstruct(vqgan, images)
-    adv = naive_pgd(teacher, x0, labels, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
-                    random_start=attack.random_start, generator=generator)
+    adv = naive_pgd(
+        teacher,
+        x0,
+        labels,
+        eps=attack.eps,
+        step_size=attack.step_size,
+        steps=attack.steps,
+        random_start=attack.random_start,
+        generator=generator,
+    )
     dad, codes_dad = naive_reconstruct(vqgan, adv)
     with torch.no_grad():
         p_clean = F.softmax(teacher(images).float() / temperature, dim=-1)
@@ -117,8 +141,15 @@ def naive_step(teacher: nn.Module, vqgan: nn.Module, images: Tensor, labels: Ten
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def product_step(teacher: nn.Module, vqgan: nn.Module, images: Tensor, labels: Tensor, attack, temperature: float,
-                 generator: torch.Generator) -> dict[str, Tensor]:
+def product_step(
+    teacher: nn.Module,
+    vqgan: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    attack,
+    temperature: float,
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
     """``generate_dad_samples`` + soft labels, with the cache's settings: channels_last and bf16 autocast on a GPU."""
     from dad_core.attack import generate_dad_samples
     from dad_core.losses import soften
@@ -164,8 +195,11 @@ def compiled(teacher: nn.Module, vqgan: nn.Module) -> Iterator[nn.Module]:
 
 def _agreement(reference: dict[str, Tensor], other: dict[str, Tensor]) -> dict[str, float]:
     diff = (other["dad"].float() - reference["dad"].float()).abs()
-    out = {"dad_max_abs_diff": diff.max().item(), "dad_mean_abs_diff": diff.mean().item(),
-           "p_clean_max_abs_diff": (other["p_clean"] - reference["p_clean"]).abs().max().item()}
+    out = {
+        "dad_max_abs_diff": diff.max().item(),
+        "dad_mean_abs_diff": diff.mean().item(),
+        "p_clean_max_abs_diff": (other["p_clean"] - reference["p_clean"]).abs().max().item(),
+    }
     for key in ("codes_x0", "codes_dad"):
         if key in other:
             out[f"{key}_agree"] = (other[key] == reference[key]).float().mean().item()
@@ -181,9 +215,17 @@ def _cache_config(shape: dict[str, Any], batch_size: int):
     from dad_core.config import load_config
 
     crop = "[0.08, 1.0]" if shape["image_size"] >= 128 else "[0.35, 1.0]"
-    return load_config(None, [f"data.image_size={shape['image_size']}", f"cache.views={shape['views']}",
-                              f"cache.batch_size={batch_size}", f"cache.shard_size={batch_size}",
-                              f"train.crop_scale={crop}", "train.hflip=0.5"])
+    return load_config(
+        None,
+        [
+            f"data.image_size={shape['image_size']}",
+            f"cache.views={shape['views']}",
+            f"cache.batch_size={batch_size}",
+            f"cache.shard_size={batch_size}",
+            f"train.crop_scale={crop}",
+            "train.hflip=0.5",
+        ],
+    )
 
 
 def _shard_step(teacher, vqgan, images: Tensor, labels: Tensor, cfg, device: torch.device):
@@ -230,8 +272,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if name == "naive-fp32":
             with common.fp32_precision(ref_precision):
                 step = seeded(naive_step, teacher, vqgan)
-                rows.append(common.measure(name, step, device, dtype=f"fp32 ({ref_precision or 'cpu'})",
-                                           channels_last=False, compile=False, **timing))
+                rows.append(
+                    common.measure(
+                        name,
+                        step,
+                        device,
+                        dtype=f"fp32 ({ref_precision or 'cpu'})",
+                        channels_last=False,
+                        compile=False,
+                        **timing,
+                    )
+                )
                 outputs[name] = _safe(step)
         elif name == "naive-bf16":
             step = seeded(naive_step, teacher, vqgan)
@@ -240,23 +291,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     return step()
 
-            rows.append(common.measure(name, bf16_step, device, dtype="bf16 autocast (VQGAN too)",
-                                       channels_last=False, compile=False, **timing))
+            rows.append(
+                common.measure(
+                    name,
+                    bf16_step,
+                    device,
+                    dtype="bf16 autocast (VQGAN too)",
+                    channels_last=False,
+                    compile=False,
+                    **timing,
+                )
+            )
             outputs[name] = _safe(bf16_step)
         elif name == "product":
             step = seeded(product_step, teacher, vqgan)
-            rows.append(common.measure(name, step, device, dtype=product_dtype, channels_last=on_gpu, compile=False,
-                                       **timing))
+            rows.append(
+                common.measure(name, step, device, dtype=product_dtype, channels_last=on_gpu, compile=False, **timing)
+            )
             outputs[name] = _with_codes(vqgan, step)
         elif name == "cache-shard":
-            rows.append(common.measure(name, _shard_step(teacher, vqgan, images, labels, cfg, device), device,
-                                       dtype=product_dtype, channels_last=on_gpu, compile=False,
-                                       views=shape["views"], **timing))
+            rows.append(
+                common.measure(
+                    name,
+                    _shard_step(teacher, vqgan, images, labels, cfg, device),
+                    device,
+                    dtype=product_dtype,
+                    channels_last=on_gpu,
+                    compile=False,
+                    views=shape["views"],
+                    **timing,
+                )
+            )
         elif name == "product-compiled":
             with compiled(teacher, vqgan) as fast_teacher:
                 step = seeded(product_step, fast_teacher, vqgan)
-                rows.append(common.measure(name, step, device, dtype=product_dtype, channels_last=on_gpu,
-                                           compile=True, **timing))
+                rows.append(
+                    common.measure(
+                        name, step, device, dtype=product_dtype, channels_last=on_gpu, compile=True, **timing
+                    )
+                )
                 outputs[name] = _with_codes(vqgan, step)
         common.free_memory(device)
     return _result(args, device, shape, batch, cfg, rows, outputs, build_s)
@@ -297,14 +370,26 @@ def ratios(rows: list[dict[str, Any]], on_gpu: bool) -> list[dict[str, Any]]:
 def _result(args, device, shape, batch, cfg, rows, outputs, build_s) -> dict[str, Any]:
     common.add_row_ratios(rows, baseline_of)
     reference = outputs.get(BASELINE)
-    agreement = {name: _agreement(reference, out) for name, out in outputs.items()
-                 if reference is not None and out is not None and name != BASELINE}
+    agreement = {
+        name: _agreement(reference, out)
+        for name, out in outputs.items()
+        if reference is not None and out is not None and name != BASELINE
+    }
     return {
         "benchmark": "generation",
         "unit": "clean images/s (each gives a DAD sample and soft labels for both)",
-        "config": {"full": args.full, **shape, "batch_size": batch, "attack": dataclasses.asdict(cfg.attack),
-                   "temperature": cfg.loss.temperature, "topk": cfg.cache.topk, "warmup": args.warmup,
-                   "iters": args.iters, "reference_precision": args.reference_precision, "seed": args.seed},
+        "config": {
+            "full": args.full,
+            **shape,
+            "batch_size": batch,
+            "attack": dataclasses.asdict(cfg.attack),
+            "temperature": cfg.loss.temperature,
+            "topk": cfg.cache.topk,
+            "warmup": args.warmup,
+            "iters": args.iters,
+            "reference_precision": args.reference_precision,
+            "seed": args.seed,
+        },
         "device_info": common.device_info(device),
         "build_s": round(build_s, 2),
         "rows": rows,

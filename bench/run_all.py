@@ -28,8 +28,12 @@ from bench import _common as common  # noqa: E402
 from bench import costs, generation, training, vqgan  # noqa: E402
 
 BENCHMARKS = {"vqgan": vqgan, "training": training, "generation": generation}
-COMPILE_ROWS = (("vqgan", "bf16-compiled"), ("vqgan", "product-compiled"), ("generation", "product-compiled"),
-                ("training", "cached-compiled"))
+COMPILE_ROWS = (
+    ("vqgan", "bf16-compiled"),
+    ("vqgan", "product-compiled"),
+    ("generation", "product-compiled"),
+    ("training", "cached-compiled"),
+)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,10 +41,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true", help="real shapes (meant for a GPU)")
     parser.add_argument("--json-dir", type=Path, default=Path("bench-results"), help="output folder")
     parser.add_argument("--compile", action="store_true", help="then the torch.compile rows, within the budget")
-    parser.add_argument("--budget-s", type=float, default=240.0,
-                        help="skip what would start after this many seconds (default 240)")
-    parser.add_argument("--compile-reserve-s", type=float, default=75.0,
-                        help="a compile row starts only with this much of the budget left (default 75)")
+    parser.add_argument(
+        "--budget-s", type=float, default=240.0, help="skip what would start after this many seconds (default 240)"
+    )
+    parser.add_argument(
+        "--compile-reserve-s",
+        type=float,
+        default=75.0,
+        help="a compile row starts only with this much of the budget left (default 75)",
+    )
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated benchmarks to run")
     parser.add_argument("--device")
     parser.add_argument("--warmup", type=int, default=3)
@@ -98,24 +107,34 @@ def _rate(results: dict[str, Any], bench: str, row: str) -> float | None:
 def _summary(results: dict[str, Any], status: dict[str, str], args: argparse.Namespace, elapsed: float) -> str:
     info = next((r["device_info"] for r in results.values() if "device_info" in r), None)
     where = f"{info['device_name']}, torch {info['torch']}" if info else "no benchmark finished"
-    parts = [f"# DAD benchmarks — {where}, {'full' if args.full else 'tiny'} configuration",
-             "", f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {elapsed:.0f} s of a {args.budget_s:.0f} s budget; "
-             f"{args.warmup} warm-up + {args.iters} timed calls, median.", ""]
+    parts = [
+        f"# DAD benchmarks — {where}, {'full' if args.full else 'tiny'} configuration",
+        "",
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {elapsed:.0f} s of a {args.budget_s:.0f} s budget; "
+        f"{args.warmup} warm-up + {args.iters} timed calls, median.",
+        "",
+    ]
     parts += ["| step | status |", "|---|---|"] + [f"| {k} | {v} |" for k, v in status.items()] + [""]
     for name in BENCHMARKS:
         if name in results and results[name].get("rows"):
             parts += [common.format_result(results[name]), ""]
         elif name in results:
             parts += [f"## {name}", "", f"FAILED: {results[name].get('error')}", ""]
+    if not args.full:
+        return "\n".join(parts + ["(With --full, the ImageNet-1k cost table at the measured rates follows here.)"])
     students = results.get("training", {}).get("config", {}).get("students", ())
     gen_row = "cache-shard" if _rate(results, "generation", "cache-shard") else "product"
     gen_rate = _rate(results, "generation", gen_row)
     parts += ["## ImageNet-1k at these rates (perfect scaling assumed)", ""]
     for student in students or (None,):
         train_rate = _rate(results, "training", f"{student}/cached") if student else None
-        parts += [f"generation: {gen_rate} images/s per GPU (generation row {gen_row}); training: {student} "
-                  f"cached, {train_rate} clean images/s per GPU", "",
-                  costs.format_scale_out(costs.scale_out(gen_rate, train_rate)), ""]
+        parts += [
+            f"generation: {gen_rate} images/s per GPU (generation row {gen_row}); training: {student} "
+            f"cached, {train_rate} clean images/s per GPU",
+            "",
+            costs.format_scale_out(costs.scale_out(gen_rate, train_rate)),
+            "",
+        ]
     return "\n".join(parts)
 
 
@@ -125,9 +144,10 @@ def _write(results: dict[str, Any], status: dict[str, str], args: argparse.Names
     elapsed = time.perf_counter() - start
     for name, result in results.items():
         atomic_write_json(args.json_dir / f"{name}.json", result)
-    atomic_write_json(args.json_dir / "summary.json",
-                      {"status": status, "elapsed_s": round(elapsed, 1), "budget_s": args.budget_s,
-                       "results": results})
+    atomic_write_json(
+        args.json_dir / "summary.json",
+        {"status": status, "elapsed_s": round(elapsed, 1), "budget_s": args.budget_s, "results": results},
+    )
     atomic_write_text(args.json_dir / "summary.md", _summary(results, status, args, elapsed) + "\n")
 
 
@@ -153,8 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         result = _run_one(name, _bench_argv(args, name, row))
         results[name] = _merge(name, results[name], result) if row and name in results else result
         failed = [r["name"] for r in result.get("rows", []) if r.get("error")]
-        status[step] = (f"failed: {result['error']}" if result.get("error") else
-                        f"rows failed: {failed}" if failed else f"ok, {result.get('seconds')} s")
+        status[step] = (
+            f"failed: {result['error']}"
+            if result.get("error")
+            else f"rows failed: {failed}"
+            if failed
+            else f"ok, {result.get('seconds')} s"
+        )
         _write(results, status, args, start)
         if not result.get("error"):
             print(common.format_result(result), flush=True)

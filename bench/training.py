@@ -42,24 +42,29 @@ DEFAULT_ROWS = ("plain", "cached", "online", "reference")
 # DESIGN §6: cached at least 0.9x plain, 1.8x online, 12x the reference design (on a GPU)
 TARGETS = {"plain": 0.9, "online": 1.8, "reference": 12.0}
 TINY = dict(students=("resnet10t",), teacher="dad-tiny-clip", num_classes=10, image_size=32, batch_size=16)
-FULL = dict(students=("vit_base_patch16_224", "resnet50"), teacher="ViT-L-14", num_classes=1000, image_size=224,
-            batch_size=128)
+FULL = dict(
+    students=("vit_base_patch16_224", "resnet50"), teacher="ViT-L-14", num_classes=1000, image_size=224, batch_size=128
+)
 
 
-def _batch(batch_size: int, num_classes: int, size: int, temperature: float, device: torch.device,
-           seed: int) -> dict[str, Tensor]:
+def _batch(
+    batch_size: int, num_classes: int, size: int, temperature: float, device: torch.device, seed: int
+) -> dict[str, Tensor]:
     """A batch as the loader yields it in cached mode: views in [0, 1], labels, teacher probabilities at T."""
     gen = torch.Generator().manual_seed(seed)
-    batch = {"clean": torch.rand(batch_size, 3, size, size, generator=gen),
-             "dad": torch.rand(batch_size, 3, size, size, generator=gen),
-             "label": torch.randint(0, num_classes, (batch_size,), generator=gen)}
+    batch = {
+        "clean": torch.rand(batch_size, 3, size, size, generator=gen),
+        "dad": torch.rand(batch_size, 3, size, size, generator=gen),
+        "label": torch.randint(0, num_classes, (batch_size,), generator=gen),
+    }
     for key in ("t_clean", "t_dad"):
         batch[key] = F.softmax(torch.randn(batch_size, num_classes, generator=gen) * 3 / temperature, dim=-1)
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def _product_student(name: str, num_classes: int, size: int, device: torch.device, channels_last: bool,
-                     seed: int) -> nn.Module:
+def _product_student(
+    name: str, num_classes: int, size: int, device: torch.device, channels_last: bool, seed: int
+) -> nn.Module:
     from dad_core.student import create_student
 
     torch.manual_seed(seed)
@@ -75,8 +80,15 @@ def _optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     return create_optimizer_v2(model, opt="adamw", lr=2e-3, weight_decay=0.05, **kwargs)
 
 
-def _step_fn(forward: Callable[[dict[str, Tensor]], dict[str, Tensor]], optimizer: torch.optim.Optimizer,
-             batch: dict[str, Tensor], device: torch.device, *, autocast: bool, channels_last: bool):
+def _step_fn(
+    forward: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Tensor],
+    device: torch.device,
+    *,
+    autocast: bool,
+    channels_last: bool,
+):
     """One step as ``dad_core.train._loop`` runs it: batch to device/format, forward, backward, update, read loss."""
     from dad_core.train import _to_device  # private: the benchmark runs the product loop's own batch handling
 
@@ -106,8 +118,15 @@ def _task_forward(task: nn.Module, seed: int) -> Callable[[dict[str, Tensor]], d
     return lambda b: task(b, rng=rng)
 
 
-def _row(kind: str, name: str, shape: dict[str, Any], teacher: nn.Module, batch: dict[str, Tensor],
-         device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+def _row(
+    kind: str,
+    name: str,
+    shape: dict[str, Any],
+    teacher: nn.Module,
+    batch: dict[str, Tensor],
+    device: torch.device,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     """Build a fresh student (same init) for one row, time its step, free it."""
     from dad_core.config import LossConfig
     from dad_core.task import DADTask
@@ -122,18 +141,32 @@ def _row(kind: str, name: str, shape: dict[str, Any], teacher: nn.Module, batch:
     if kind == "plain":
         forward = _plain_forward(trained)
     else:
-        task = DADTask(trained, LossConfig(), num_classes=shape["num_classes"],
-                       teacher=teacher if kind in ("online", "reference") else None, label_smoothing=0.1)
+        task = DADTask(
+            trained,
+            LossConfig(),
+            num_classes=shape["num_classes"],
+            teacher=teacher if kind in ("online", "reference") else None,
+            label_smoothing=0.1,
+        )
         task.train()
         forward = _task_forward(task, args.seed)
     step = _step_fn(forward, optimizer, batch, device, autocast=on_gpu and product, channels_last=channels_last)
     b = batch["label"].shape[0]
     dtype = "bf16 autocast" if on_gpu and product else "fp32" + (f" ({args.reference_precision})" if on_gpu else "")
     with common.fp32_precision(args.reference_precision if on_gpu and not product else None):
-        row = common.measure(f"{name}/{kind}", step, device, warmup=args.warmup, iters=args.iters,
-                             images_per_step=b, batch_size=b, dtype=dtype, channels_last=channels_last,
-                             compile=kind == "cached-compiled",
-                             teacher="online" if kind in ("online", "reference") else "none")
+        row = common.measure(
+            f"{name}/{kind}",
+            step,
+            device,
+            warmup=args.warmup,
+            iters=args.iters,
+            images_per_step=b,
+            batch_size=b,
+            dtype=dtype,
+            channels_last=channels_last,
+            compile=kind == "cached-compiled",
+            teacher="online" if kind in ("online", "reference") else "none",
+        )
     if "images_per_s" in row:
         row["student_images_per_s"] = row["images_per_s"] * 2
     del step, forward, optimizer, trained, student
@@ -170,8 +203,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kinds = common.selected_rows(args, ROWS, DEFAULT_ROWS)
     start = time.perf_counter()
     needs_teacher = any(k in ("online", "reference") for k in kinds)
-    teacher = common.create_teacher(shape["teacher"], shape["num_classes"], device, seed=args.seed) \
-        if needs_teacher else None
+    teacher = (
+        common.create_teacher(shape["teacher"], shape["num_classes"], device, seed=args.seed) if needs_teacher else None
+    )
     build_s = time.perf_counter() - start
     batch = _batch(batch_size, shape["num_classes"], shape["image_size"], 4.0, device, args.seed)
     rows = [_row(kind, name, shape, teacher, batch, device, args) for name in shape["students"] for kind in kinds]
@@ -179,8 +213,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "training",
         "unit": "clean images/s (each step: B clean + B DAD images through the student)",
-        "config": {"full": args.full, **shape, "batch_size": batch_size, "warmup": args.warmup, "iters": args.iters,
-                   "reference_precision": args.reference_precision, "seed": args.seed, "loss": "variant A, T=4"},
+        "config": {
+            "full": args.full,
+            **shape,
+            "batch_size": batch_size,
+            "warmup": args.warmup,
+            "iters": args.iters,
+            "reference_precision": args.reference_precision,
+            "seed": args.seed,
+            "loss": "variant A, T=4",
+        },
         "device_info": common.device_info(device),
         "build_s": round(build_s, 2),
         "rows": rows,
@@ -191,8 +233,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(parser, rows=ROWS, default_rows=DEFAULT_ROWS)
-    parser.add_argument("--students", help="comma-separated timm models (default: resnet10t; with --full "
-                                           "vit_base_patch16_224,resnet50)")
+    parser.add_argument(
+        "--students", help="comma-separated timm models (default: resnet10t; with --full vit_base_patch16_224,resnet50)"
+    )
     return parser.parse_args(argv)
 
 

@@ -87,8 +87,11 @@ def _codes_of(vqgan: nn.Module, fn, images: Tensor) -> tuple[Tensor, Tensor]:
 
 def _agreement(reference: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor]) -> dict[str, float]:
     diff = (other[0].float() - reference[0].float()).abs()
-    return {"max_abs_diff": round(diff.max().item(), 6), "mean_abs_diff": round(diff.mean().item(), 6),
-            "codes_agree": round((other[1] == reference[1]).float().mean().item(), 6)}
+    return {
+        "max_abs_diff": round(diff.max().item(), 6),
+        "mean_abs_diff": round(diff.mean().item(), 6),
+        "codes_agree": round((other[1] == reference[1]).float().mean().item(), 6),
+    }
 
 
 def baseline_of(name: str) -> str:
@@ -122,31 +125,55 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     images = torch.rand(batch, 3, shape["image_size"], shape["image_size"], generator=gen).to(device)
     on_gpu = device.type == "cuda"
     functions = {"reference": naive_reconstruct, "product": product_reconstruct, "bf16": bf16_reconstruct}
-    dtypes = {"reference": f"fp32 ({args.reference_precision if on_gpu else 'cpu'})",
-              "product": "fp32 (autocast off inside)", "bf16": "bf16 autocast, fp32 codebook"}
+    dtypes = {
+        "reference": f"fp32 ({args.reference_precision if on_gpu else 'cpu'})",
+        "product": "fp32 (autocast off inside)",
+        "bf16": "bf16 autocast, fp32 codebook",
+    }
     rows, outputs = [], {}
     for name in wanted:
         base = name.removesuffix("-compiled")
         fn = functions[base]
         precision = args.reference_precision if on_gpu and base == "reference" else None
-        with common.fp32_precision(precision), (compiled_network(vqgan) if name != base else contextlib.nullcontext()):
-            rows.append(common.measure(name, lambda fn=fn: fn(vqgan, images), device, warmup=args.warmup,
-                                       iters=args.iters, images_per_step=batch, batch_size=batch,
-                                       dtype=dtypes[base], channels_last=on_gpu and base != "reference",
-                                       compile=name != base))
+        network = compiled_network(vqgan) if name != base else contextlib.nullcontext()
+        with common.fp32_precision(precision), network:
+            rows.append(
+                common.measure(
+                    name,
+                    lambda fn=fn: fn(vqgan, images),
+                    device,
+                    warmup=args.warmup,
+                    iters=args.iters,
+                    images_per_step=batch,
+                    batch_size=batch,
+                    dtype=dtypes[base],
+                    channels_last=on_gpu and base != "reference",
+                    compile=name != base,
+                )
+            )
             try:
                 outputs[name] = _codes_of(vqgan, fn, images)
             except Exception as err:  # the timing row carries the error
                 print(f"[bench] agreement pass of {name} failed: {err}", file=sys.stderr)
         common.free_memory(device)
     common.add_row_ratios(rows, baseline_of)
-    agreement = {name: _agreement(outputs[BASELINE], out) for name, out in outputs.items()
-                 if name != BASELINE and BASELINE in outputs}
+    agreement = {
+        name: _agreement(outputs[BASELINE], out)
+        for name, out in outputs.items()
+        if name != BASELINE and BASELINE in outputs
+    }
     return {
         "benchmark": "vqgan",
         "unit": "images/s through encode -> nearest code -> decode",
-        "config": {"full": args.full, **shape, "batch_size": batch, "warmup": args.warmup, "iters": args.iters,
-                   "reference_precision": args.reference_precision, "seed": args.seed},
+        "config": {
+            "full": args.full,
+            **shape,
+            "batch_size": batch,
+            "warmup": args.warmup,
+            "iters": args.iters,
+            "reference_precision": args.reference_precision,
+            "seed": args.seed,
+        },
         "device_info": common.device_info(device),
         "build_s": round(build_s, 2),
         "rows": rows,

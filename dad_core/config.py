@@ -76,7 +76,7 @@ class DataConfig:
     on_bad_image: str = "error"  # error: fail naming the file | skip: skip it and count it in the report
     num_workers: int = 0  # DataLoader workers
     suite_seed: int = 1234  # seed of the generated shifted suites (digits-C, renditions)
-    suite_per_class: int = 0  # held-out images per class in the generated digits-C/-R suites (0 = all)
+    suite_per_class: int = 20  # held-out images per class in the generated digits-C/-R suites (0 = all)
 
     def __post_init__(self) -> None:
         _one_of(self.source, "source", ("digits", "folder", "dvc"))
@@ -204,8 +204,8 @@ class TrainConfig:
     model: str = "resnet10t"  # any timm model name
     pretrained: bool = False
     teacher_mode: str = "cached"  # cached: replay stored views + soft labels | online: run the teacher each step
-    epochs: int = 8
-    batch_size: int = 64  # per process, clean images (the DAD batch has the same size)
+    epochs: int = 10
+    batch_size: int = 32  # per process, clean images (the DAD batch has the same size)
     optimizer: str = "adamw"  # any timm optimizer name
     lr: float = 2e-3
     weight_decay: float = 0.05

@@ -7,6 +7,7 @@ when one benchmark fails.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 
@@ -16,16 +17,26 @@ import torch
 pytestmark = pytest.mark.slow
 
 QUICK = ["--warmup", "0", "--iters", "1", "--batch-size", "4", "--quiet"]
+NAMES = ("generation", "training", "vqgan")
 
 
-@pytest.mark.parametrize("name", ["generation", "training", "vqgan"])
-def test_benchmark_main_writes_rows_and_positive_ratios(name, tmp_path):
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Each benchmark run once through its ``main`` on the CPU tiny configuration: ``{name: (exit code, JSON)}``."""
+    out = {}
+    for name in NAMES:
+        path = tmp_path_factory.mktemp("bench") / f"{name}.json"
+        code = importlib.import_module(f"bench.{name}").main([*QUICK, "--json", str(path)])
+        out[name] = code, json.loads(path.read_text())
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_benchmark_main_writes_rows_and_positive_ratios(results, name):
+    code, result = results[name]
     module = importlib.import_module(f"bench.{name}")
-    out = tmp_path / f"{name}.json"
 
-    assert module.main([*QUICK, "--json", str(out)]) == 0
-
-    result = json.loads(out.read_text())
+    assert code == 0
     assert result["benchmark"] == name
     assert result["device_info"]["device_name"] and result["device_info"]["torch"] == torch.__version__
     expected = {f"resnet10t/{k}" for k in module.DEFAULT_ROWS} if name == "training" else set(module.DEFAULT_ROWS)
@@ -38,28 +49,24 @@ def test_benchmark_main_writes_rows_and_positive_ratios(name, tmp_path):
     assert all(isinstance(r["value"], float) and r["value"] > 0 for r in result["ratios"])
 
 
-def test_generation_product_matches_the_plain_formulation_on_cpu(tmp_path):
-    from bench import generation
+def test_generation_product_matches_the_plain_formulation_on_cpu(results):
+    agreement = results["generation"][1]["agreement_vs_naive_fp32"]["product"]
 
-    out = tmp_path / "gen.json"
-    assert generation.main([*QUICK, "--rows", "naive-fp32,product", "--json", str(out)]) == 0
-
-    agreement = json.loads(out.read_text())["agreement_vs_naive_fp32"]["product"]
     # On a CPU the product runs the same fp32 math (no autocast there), so the chunked codebook lookup must pick
     # the same codes as the full distance matrix.
     assert agreement["codes_x0_agree"] == 1.0 and agreement["codes_dad_agree"] == 1.0
     assert agreement["dad_max_abs_diff"] < 1e-4
 
 
-def test_run_all_reports_a_failing_benchmark_and_keeps_the_others(tmp_path, monkeypatch):
-    from bench import run_all, vqgan
+def test_run_all_reports_a_failing_benchmark_and_keeps_the_others(results, tmp_path, monkeypatch):
+    from bench import run_all, training, vqgan
 
     def out_of_memory(args):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(vqgan, "run", out_of_memory)
-    code = run_all.main(["--json-dir", str(tmp_path), "--only", "vqgan,training", "--warmup", "0", "--iters", "1",
-                         "--batch-size", "4"])
+    monkeypatch.setattr(training, "run", lambda args: copy.deepcopy(results["training"][1]))  # measured above
+    code = run_all.main(["--json-dir", str(tmp_path), "--only", "vqgan,training", "--batch-size", "4"])
 
     assert code == 1
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -70,8 +77,8 @@ def test_run_all_reports_a_failing_benchmark_and_keeps_the_others(tmp_path, monk
 
 
 def test_cache_bytes_per_image_matches_a_real_shard():
-    from bench.costs import cache_bytes_per_image
     from bench._common import create_teacher
+    from bench.costs import cache_bytes_per_image
     from dad_core.attack import IdentityDiscretizer
     from dad_core.config import load_config
     from dad_core.teacher_cache import _make_shard

@@ -1,6 +1,6 @@
 """The pipeline spec (compiled as the command line does it), its command line, and a real local run.
 
-The golden spec is ``tests/pipelines/golden/dad_pipeline.yaml``; after an intended change to a component or the
+The golden spec is ``tests/pipelines/golden/dad_pipeline.golden.yaml``; after an intended change to a component or the
 pipeline, rewrite it with ``UPDATE_GOLDEN=1 pytest tests/pipelines`` and review the diff.
 """
 
@@ -17,7 +17,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "pipelines" / "dad_pipeline.py"
-GOLDEN = Path(__file__).parent / "golden" / "dad_pipeline.yaml"
+GOLDEN = Path(__file__).parent / "golden" / "dad_pipeline.golden.yaml"  # .gitignore drops dad_pipeline.yaml
 STEPS = (
     "prepare-data",
     "finetune-teacher",
@@ -93,7 +93,7 @@ def test_golden_spec(compiled):
         GOLDEN.write_text(compiled.read_text())
     assert GOLDEN.is_file(), "no golden spec yet: run UPDATE_GOLDEN=1 pytest tests/pipelines"
     assert strip(compiled.read_text()) == strip(GOLDEN.read_text()), (
-        "the compiled pipeline differs from tests/pipelines/golden/dad_pipeline.yaml; if that is intended, "
+        "the compiled pipeline differs from tests/pipelines/golden/dad_pipeline.golden.yaml; if that is intended, "
         "rewrite it with UPDATE_GOLDEN=1 pytest tests/pipelines and review the diff"
     )
 
