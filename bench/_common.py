@@ -29,18 +29,22 @@ from torch import nn
 __all__ = [
     "Timing",
     "add_common_args",
+    "add_row_ratios",
     "create_teacher",
     "device_info",
     "finish",
+    "format_result",
     "format_table",
     "fp32_precision",
     "free_memory",
     "measure",
+    "precision_state",
     "ratio_entry",
     "resolve_device",
     "selected_rows",
     "setup",
     "time_fn",
+    "to_json",
 ]
 
 _TEACHERS: dict[tuple, nn.Module] = {}  # built teachers, reused within a process (they are frozen)

@@ -236,6 +236,16 @@ def _shard_step(teacher, vqgan, images: Tensor, labels: Tensor, cfg, device: tor
     return lambda: _make_shard(teacher, vqgan, dataset, list(range(len(dataset))), cfg, 0, device)
 
 
+def _bf16(step, device_type: str):
+    """``step`` under bf16 autocast: the naive formulation as DESIGN §6 timed it."""
+
+    def bf16_step():
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return step()
+
+    return bf16_step
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the models, time the selected rows, measure agreement; returns the JSON-able result."""
     from dad_core.vqgan import VQGAN
@@ -243,9 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = common.setup(args)
     shape = dict(FULL if args.full else TINY)
     batch = args.batch_size or shape["batch_size"]
-    rows_wanted = common.selected_rows(args, ROWS, DEFAULT_ROWS)
     cfg = _cache_config(shape, batch)
-    attack, temperature = cfg.attack, cfg.loss.temperature
     start = time.perf_counter()
     teacher = common.create_teacher(shape["teacher"], shape["num_classes"], device, seed=args.seed)
     torch.manual_seed(args.seed)
@@ -256,80 +264,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     labels = torch.randint(0, shape["num_classes"], (batch,), generator=data_gen).to(device)
     generator = torch.Generator(device=device)
 
-    def seeded(fn, *fn_args):
+    def seeded(fn, model):
         def step():
-            generator.manual_seed(args.seed)
-            return fn(*fn_args, images, labels, attack, temperature, generator)
+            generator.manual_seed(args.seed)  # the same coin and random start in every call and every row
+            return fn(model, vqgan, images, labels, cfg.attack, cfg.loss.temperature, generator)
 
         return step
 
     on_gpu = device.type == "cuda"
-    product_dtype = "bf16 autocast (VQGAN fp32)" if on_gpu else "fp32"
     ref_precision = args.reference_precision if on_gpu else None
-    timing = dict(warmup=args.warmup, iters=args.iters, images_per_step=batch, batch_size=batch)
+    product_dtype = "bf16 autocast (VQGAN fp32)" if on_gpu else "fp32"
+    dtypes = {"naive-fp32": f"fp32 ({ref_precision or 'cpu'})", "naive-bf16": "bf16 autocast (VQGAN too)"}
     rows, outputs = [], {}
-    for name in rows_wanted:
-        if name == "naive-fp32":
-            with common.fp32_precision(ref_precision):
-                step = seeded(naive_step, teacher, vqgan)
-                rows.append(
-                    common.measure(
-                        name,
-                        step,
-                        device,
-                        dtype=f"fp32 ({ref_precision or 'cpu'})",
-                        channels_last=False,
-                        compile=False,
-                        **timing,
-                    )
+    for name in common.selected_rows(args, ROWS, DEFAULT_ROWS):
+        with contextlib.ExitStack() as stack:
+            if name == "naive-fp32":
+                stack.enter_context(common.fp32_precision(ref_precision))
+                step = seeded(naive_step, teacher)
+            elif name == "naive-bf16":
+                step = _bf16(seeded(naive_step, teacher), device.type)
+            elif name == "cache-shard":
+                step = _shard_step(teacher, vqgan, images, labels, cfg, device)
+            else:  # product, product-compiled
+                step = seeded(
+                    product_step, stack.enter_context(compiled(teacher, vqgan)) if "compiled" in name else teacher
                 )
+            rows.append(
+                common.measure(
+                    name,
+                    step,
+                    device,
+                    warmup=args.warmup,
+                    iters=args.iters,
+                    images_per_step=batch,
+                    batch_size=batch,
+                    dtype=dtypes.get(name, product_dtype),
+                    channels_last=on_gpu and name.startswith(("product", "cache")),
+                    compile=name.endswith("-compiled"),
+                )
+            )
+            if name.startswith("naive"):
                 outputs[name] = _safe(step)
-        elif name == "naive-bf16":
-            step = seeded(naive_step, teacher, vqgan)
-
-            def bf16_step(step=step):
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    return step()
-
-            rows.append(
-                common.measure(
-                    name,
-                    bf16_step,
-                    device,
-                    dtype="bf16 autocast (VQGAN too)",
-                    channels_last=False,
-                    compile=False,
-                    **timing,
-                )
-            )
-            outputs[name] = _safe(bf16_step)
-        elif name == "product":
-            step = seeded(product_step, teacher, vqgan)
-            rows.append(
-                common.measure(name, step, device, dtype=product_dtype, channels_last=on_gpu, compile=False, **timing)
-            )
-            outputs[name] = _with_codes(vqgan, step)
-        elif name == "cache-shard":
-            rows.append(
-                common.measure(
-                    name,
-                    _shard_step(teacher, vqgan, images, labels, cfg, device),
-                    device,
-                    dtype=product_dtype,
-                    channels_last=on_gpu,
-                    compile=False,
-                    views=shape["views"],
-                    **timing,
-                )
-            )
-        elif name == "product-compiled":
-            with compiled(teacher, vqgan) as fast_teacher:
-                step = seeded(product_step, fast_teacher, vqgan)
-                rows.append(
-                    common.measure(
-                        name, step, device, dtype=product_dtype, channels_last=on_gpu, compile=True, **timing
-                    )
-                )
+            elif name.startswith("product"):
                 outputs[name] = _with_codes(vqgan, step)
         common.free_memory(device)
     return _result(args, device, shape, batch, cfg, rows, outputs, build_s)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run of the benchmarks (docs/benchmarks.md), meant to be run once, from the repository root:
 #
-#     bash bench/gpu_run.sh        # results in $OUT/bench (./bench-results/bench without $OUT)
+#     bash bench/gpu_run.sh        # results in $OUT/bench (bench/results/bench without $OUT)
 #
 # It uses the machine's own python3 and torch (no .venv there). Packages dad_core needs that are missing (or a timm
 # older than open_clip accepts) are installed with --no-deps at the versions pinned in requirements.lock.txt, into
@@ -9,11 +9,11 @@
 # package index; fill it as docs/benchmarks.md says), else from the index. Then bench/run_all.py --full, with the
 # torch.compile rows while the budget lasts; every step rewrites the JSONs and summary.md, so a run stopped at the
 # hard limit keeps what it finished. Knobs: BUDGET_S (default 240), HARD_LIMIT_S (330), COMPILE (1; 0 = no compile
-# rows), PYTHON (python3).
+# rows), FULL (1; 0 = tiny configurations, to try the script on a CPU), RUN_ALL_ARGS (appended), PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-RESULTS="${OUT:-$PWD/bench-results}/bench"
+RESULTS="${OUT:-$PWD/bench/results}/bench"
 SITE=/tmp/dad-bench-site
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$RESULTS"
@@ -70,10 +70,12 @@ for name in ("timm", "open_clip", "diffusers", "numpy"):
     print(name, module.__version__, module.__file__)
 EOF
 
-compile_flag=(--compile)
-[ "${COMPILE:-1}" = "0" ] && compile_flag=()
-timeout -s INT "${HARD_LIMIT_S:-330}" "$PY" -m bench.run_all --full "${compile_flag[@]}" \
-    --budget-s "${BUDGET_S:-240}" --json-dir "$RESULTS" 2>&1 | tee "$RESULTS/log.txt"
+flags=(--full --compile)
+[ "${FULL:-1}" = "0" ] && flags=("${flags[@]/--full}")
+[ "${COMPILE:-1}" = "0" ] && flags=("${flags[@]/--compile}")
+# shellcheck disable=SC2086
+timeout -s INT "${HARD_LIMIT_S:-330}" "$PY" -m bench.run_all ${flags[*]} --budget-s "${BUDGET_S:-240}" \
+    --json-dir "$RESULTS" ${RUN_ALL_ARGS:-} 2>&1 | tee "$RESULTS/log.txt"
 rc=${PIPESTATUS[0]}
 echo "run_all exit code $rc (124 or 130: stopped at the hard limit; finished steps are in $RESULTS)"
 cat "$RESULTS/summary.md" 2>/dev/null

@@ -8,6 +8,8 @@ Rows:
   region on a GPU. ``reconstruct`` switches autocast off and runs the network in fp32 (its docstring: bf16 latents
   flip near-tie codes), with the codebook distance in fp32 chunks (``nearest_code_indices``); fp32 convolutions
   follow torch's defaults (TF32 on Ampere and later).
+* ``bf16-decoder``: the encoder and the code choice in fp32 as in the product, only the decoder (two thirds of the
+  f8 FLOPs, and no influence on which codes a round trip picks) under bf16 autocast. Not what the product runs.
 * ``bf16``: encoder and decoder under bf16 autocast with channels_last, codebook distance still fp32 (``quantize``
   runs ``nearest_code_indices`` with autocast off). Not what the product runs: it shows the speed the fp32 choice
   costs, and the agreement columns show what bf16 would change.
@@ -38,8 +40,8 @@ if __package__ in (None, ""):  # run as a file (python bench/vqgan.py): make the
 from bench import _common as common  # noqa: E402
 from bench.generation import naive_reconstruct  # noqa: E402
 
-ROWS = ("reference", "product", "bf16", "product-compiled", "bf16-compiled")
-DEFAULT_ROWS = ("reference", "product", "bf16")
+ROWS = ("reference", "product", "bf16-decoder", "bf16", "product-compiled", "bf16-compiled")
+DEFAULT_ROWS = ("reference", "product", "bf16-decoder", "bf16")
 BASELINE = "reference"
 TINY = dict(vqgan="tiny-f4", image_size=32, batch_size=16)
 FULL = dict(vqgan="f8-16384", image_size=224, batch_size=64)
@@ -61,6 +63,18 @@ def bf16_reconstruct(vqgan: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
         images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(images.device.type, dtype=torch.bfloat16):
         codes, indices = vqgan.quantize(vqgan.encode(images * 2 - 1))
+        out = vqgan.decode(codes)
+    return ((out.float().clamp(-1, 1) + 1) / 2), indices
+
+
+@torch.no_grad()
+def bf16_decoder_reconstruct(vqgan: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Encoder and code choice in fp32 (as the product), only the decoder (2/3 of the f8 FLOPs) in bf16 autocast."""
+    if images.device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, enabled=False):
+        codes, indices = vqgan.quantize(vqgan.encode(images * 2 - 1))
+    with torch.autocast(images.device.type, dtype=torch.bfloat16):
         out = vqgan.decode(codes)
     return ((out.float().clamp(-1, 1) + 1) / 2), indices
 
@@ -103,7 +117,7 @@ def ratios(rows: list[dict[str, Any]], on_gpu: bool) -> list[dict[str, Any]]:
     """Each row over the reference; bf16 over product (what the fp32 choice in ``reconstruct`` costs)."""
     names = [r["name"] for r in rows]
     out = [common.ratio_entry(rows, name, BASELINE) for name in ROWS if name in names and name != BASELINE]
-    for fast, slow in (("bf16", "product"), ("bf16-compiled", "product-compiled")):
+    for fast, slow in (("bf16-decoder", "product"), ("bf16", "product"), ("bf16-compiled", "product-compiled")):
         if fast in names and slow in names:
             out.append(common.ratio_entry(rows, fast, slow, note="what fp32 in reconstruct costs"))
     return out
@@ -124,10 +138,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(args.seed)
     images = torch.rand(batch, 3, shape["image_size"], shape["image_size"], generator=gen).to(device)
     on_gpu = device.type == "cuda"
-    functions = {"reference": naive_reconstruct, "product": product_reconstruct, "bf16": bf16_reconstruct}
+    functions = {
+        "reference": naive_reconstruct,
+        "product": product_reconstruct,
+        "bf16-decoder": bf16_decoder_reconstruct,
+        "bf16": bf16_reconstruct,
+    }
     dtypes = {
         "reference": f"fp32 ({args.reference_precision if on_gpu else 'cpu'})",
         "product": "fp32 (autocast off inside)",
+        "bf16-decoder": "fp32 encoder, bf16 decoder",
         "bf16": "bf16 autocast, fp32 codebook",
     }
     rows, outputs = [], {}

@@ -63,7 +63,14 @@ def _ascent_step(grad: Tensor, norm: str, step_size: float) -> Tensor:
 
 
 def _projected_ascent(
-    centre: Tensor, direction, *, norm: str, eps: float, step_size: float, steps: int, random_start: float,
+    centre: Tensor,
+    direction,
+    *,
+    norm: str,
+    eps: float,
+    step_size: float,
+    steps: int,
+    random_start: float,
     generator: torch.Generator | None,
 ) -> Tensor:
     """Shared loop: optional random start, then ``steps`` ascent steps along ``direction(adv)``, projected."""
@@ -123,8 +130,16 @@ def pgd_attack(
             (grad,) = torch.autograd.grad(loss, adv)
         return grad.detach()
 
-    return _projected_ascent(images, gradient, norm=norm, eps=eps, step_size=step_size, steps=steps,
-                             random_start=random_start, generator=generator)
+    return _projected_ascent(
+        images,
+        gradient,
+        norm=norm,
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+        random_start=random_start,
+        generator=generator,
+    )
 
 
 @torch.no_grad()
@@ -163,12 +178,27 @@ def generate_dad_samples(
         return vqgan.reconstruct(x0)
     if cfg.mode == "random":
         adv = _projected_ascent(
-            x0, lambda adv: torch.randn(adv.shape, generator=generator, device=adv.device, dtype=adv.dtype),
-            norm=cfg.norm, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, random_start=cfg.random_start,
-            generator=generator)
+            x0,
+            lambda adv: torch.randn(adv.shape, generator=generator, device=adv.device, dtype=adv.dtype),
+            norm=cfg.norm,
+            eps=cfg.eps,
+            step_size=cfg.step_size,
+            steps=cfg.steps,
+            random_start=cfg.random_start,
+            generator=generator,
+        )
     elif cfg.mode == "dad":
-        adv = pgd_attack(teacher, x0, labels, norm=cfg.norm, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
-                         random_start=cfg.random_start, generator=generator)
+        adv = pgd_attack(
+            teacher,
+            x0,
+            labels,
+            norm=cfg.norm,
+            eps=cfg.eps,
+            step_size=cfg.step_size,
+            steps=cfg.steps,
+            random_start=cfg.random_start,
+            generator=generator,
+        )
     else:
         raise ValueError(f"unsupported attack mode {cfg.mode!r}")
     return vqgan.reconstruct(adv)

@@ -243,8 +243,11 @@ class TrainConfig:
             value = getattr(self, key)
             _check(0.0 <= value <= 1.0 or (key in ("mixup", "cutmix") and value >= 0), key, f"out of range: {value}")
         _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
-        _check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale",
-               f"must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
+        _check(
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            "crop_scale",
+            f"must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}",
+        )
         _check(0.0 <= self.hflip <= 1.0, "hflip", "must be a probability in [0, 1]")
 
 

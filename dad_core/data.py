@@ -13,6 +13,7 @@ value. A prepared dataset folder looks like::
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = [
     "create_eval_transform",
     "create_train_transform",
     "load_image",
+    "open_split",
     "read_classes",
     "scan_image_folder",
     "verify_images",
@@ -131,6 +133,27 @@ def scan_image_folder(
     return samples
 
 
+def open_split(data_root: str | Path, split: str, transform=None) -> ImageFolderDataset:
+    """The ``train``/``val`` split of a prepared dataset, labelled by its ``classes.txt``.
+
+    The samples are the ``<split>/<class id>/<file>`` entries of the manifest's ``files``, under ``manifest["root"]``
+    (the tree itself for the digits; the referenced source folder or DVC checkout otherwise, without the files
+    prepare-data skipped), ordered as :func:`~dad_core.data.scan_image_folder` orders them. A tree without a
+    manifest is scanned.
+    """
+    data_root = Path(data_root)
+    classes = read_classes(data_root / "classes.txt")
+    manifest_path = data_root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    prefix = f"{split}/"
+    files = [rel[len(prefix) :] for rel in manifest.get("files", {}) if rel.startswith(prefix)]
+    if not files:
+        return ImageFolderDataset.from_folder(data_root / split, classes, transform)
+    index = classes.index()
+    samples = sorted(((rel, index[rel.split("/")[0]]) for rel in files), key=lambda s: (s[1], s[0]))
+    return ImageFolderDataset(data_root / manifest.get("root", ".") / split, samples, transform)
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Open an image as RGB, fully decoded; a truncated or unreadable file raises :class:`BadImageError`."""
     try:
@@ -167,9 +190,7 @@ def verify_images(
 class ImageFolderDataset(Dataset):
     """``(image, label)`` pairs from an explicit sample list; labels are never inferred from sort order."""
 
-    def __init__(
-        self, root: str | Path, samples: Sequence[tuple[str, int]], transform: Callable | None = None
-    ) -> None:
+    def __init__(self, root: str | Path, samples: Sequence[tuple[str, int]], transform: Callable | None = None) -> None:
         self.root = Path(root)
         self.samples = list(samples)
         self.transform = transform
@@ -236,13 +257,25 @@ def create_eval_transform(image_size: int, crop_pct: float = 1.0, interpolation:
 
 
 def create_train_transform(
-    image_size: int, *, randaugment: str = "", reprob: float = 0.0, scale: tuple[float, float] = (0.08, 1.0),
-    hflip: float = 0.5, interpolation: str = "bicubic",
+    image_size: int,
+    *,
+    randaugment: str = "",
+    reprob: float = 0.0,
+    scale: tuple[float, float] = (0.08, 1.0),
+    hflip: float = 0.5,
+    interpolation: str = "bicubic",
 ) -> Callable:
     """timm's training transform (RandomResizedCrop, flip, RandAugment, random erasing), output in [0, 1]."""
     from timm.data import create_transform
 
     return create_transform(
-        image_size, is_training=True, auto_augment=randaugment or None, re_prob=reprob, scale=scale, hflip=hflip,
-        interpolation=interpolation, mean=(0, 0, 0), std=(1, 1, 1),
+        image_size,
+        is_training=True,
+        auto_augment=randaugment or None,
+        re_prob=reprob,
+        scale=scale,
+        hflip=hflip,
+        interpolation=interpolation,
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
     )

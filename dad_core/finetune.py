@@ -21,11 +21,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dad_core.config import DADConfig
-from dad_core.data import create_eval_transform, create_train_transform
+from dad_core.data import create_eval_transform, create_train_transform, open_split
 from dad_core.distributed import set_seed
 from dad_core.io import sha256_file
 from dad_core.teacher import create_clip_classifier, save_teacher_checkpoint
-from dad_core.teacher_cache import open_split
 
 __all__ = ["accuracy", "finetune_teacher", "wise_interpolate"]
 
@@ -43,14 +42,21 @@ def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
     return 100.0 * correct / max(total, 1)
 
 
-def wise_interpolate(zero_shot: dict[str, torch.Tensor], fine_tuned: dict[str, torch.Tensor],
-                     alpha: float) -> dict[str, torch.Tensor]:
+def wise_interpolate(
+    zero_shot: dict[str, torch.Tensor], fine_tuned: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
     """``(1 - alpha) * zero_shot + alpha * fine_tuned`` for floating tensors; others from ``fine_tuned``."""
     return {k: (1 - alpha) * zero_shot[k] + alpha * v if v.is_floating_point() else v for k, v in fine_tuned.items()}
 
 
-def finetune_teacher(cfg: DADConfig, data_root: str | Path, output_path: str | Path, *,
-                     device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
+def finetune_teacher(
+    cfg: DADConfig,
+    data_root: str | Path,
+    output_path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Fine-tune ``cfg.teacher`` on ``data_root``'s train split and save a checkpoint ``create_clip_teacher`` loads.
 
     Returns:
@@ -59,16 +65,19 @@ def finetune_teacher(cfg: DADConfig, data_root: str | Path, output_path: str | P
     ft, device = cfg.finetune, torch.device(device)
     set_seed(ft.seed)
     size = cfg.data.image_size
-    train = open_split(data_root, "train", create_train_transform(size, scale=cfg.train.crop_scale,
-                                                                   hflip=cfg.train.hflip))
+    train = open_split(
+        data_root, "train", create_train_transform(size, scale=cfg.train.crop_scale, hflip=cfg.train.hflip)
+    )
     val = open_split(data_root, "val", create_eval_transform(size))
     classnames = _classnames(data_root)
-    model = create_clip_classifier(cfg.teacher.model_name, cfg.teacher.pretrained, classnames, cfg.teacher.templates,
-                                   device=device)
+    model = create_clip_classifier(
+        cfg.teacher.model_name, cfg.teacher.pretrained, classnames, cfg.teacher.templates, device=device
+    )
     zero_shot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(ft.seed)
-    train_loader = DataLoader(train, batch_size=ft.batch_size, shuffle=True, generator=gen, drop_last=True,
-                              num_workers=cfg.data.num_workers)
+    train_loader = DataLoader(
+        train, batch_size=ft.batch_size, shuffle=True, generator=gen, drop_last=True, num_workers=cfg.data.num_workers
+    )
     val_loader = DataLoader(val, batch_size=256, num_workers=cfg.data.num_workers)
     zero_shot_top1 = accuracy(model, val_loader, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
@@ -94,9 +103,17 @@ def finetune_teacher(cfg: DADConfig, data_root: str | Path, output_path: str | P
     top1 = accuracy(model, val_loader, device)
     _logger.info("teacher val top-1: zero-shot %.2f%% -> fine-tuned %.2f%%", zero_shot_top1, top1)
     out = save_teacher_checkpoint(model, output_path, extra={"zero_shot_top1": zero_shot_top1, "top1": top1})
-    return {"zero_shot_top1": zero_shot_top1, "top1": top1, "epochs": ft.epochs, "steps": total,
-            "images_per_s": round(seen / max(seconds, 1e-9), 2), "seconds": round(seconds, 2),
-            "wise_alpha": ft.wise_alpha, "output": str(out), "sha256": sha256_file(out)}
+    return {
+        "zero_shot_top1": zero_shot_top1,
+        "top1": top1,
+        "epochs": ft.epochs,
+        "steps": total,
+        "images_per_s": round(seen / max(seconds, 1e-9), 2),
+        "seconds": round(seconds, 2),
+        "wise_alpha": ft.wise_alpha,
+        "output": str(out),
+        "sha256": sha256_file(out),
+    }
 
 
 def _classnames(data_root: str | Path) -> list[str]:

@@ -27,8 +27,9 @@ class Student(nn.Module):
         return self.model((images - self.mean.to(images.dtype)) / self.std.to(images.dtype))
 
 
-def create_student(name: str, num_classes: int, *, pretrained: bool = False, drop_path: float = 0.0,
-                   image_size: int | None = None) -> Student:
+def create_student(
+    name: str, num_classes: int, *, pretrained: bool = False, drop_path: float = 0.0, image_size: int | None = None
+) -> Student:
     """Build a timm model by name (``timm.create_model``) inside a normalizing wrapper.
 
     ViT-style models get ``img_size=image_size`` so small inputs (32 px digits) work.

@@ -17,8 +17,9 @@ from dad_core.losses import DADLoss, soften
 __all__ = ["DADTask", "mix_batch"]
 
 
-def mix_batch(tensors: list[Tensor], targets: Tensor, *, mixup: float, cutmix: float,
-              rng: np.random.Generator) -> tuple[list[Tensor], Tensor, Tensor, float]:
+def mix_batch(
+    tensors: list[Tensor], targets: Tensor, *, mixup: float, cutmix: float, rng: np.random.Generator
+) -> tuple[list[Tensor], Tensor, Tensor, float]:
     """Mixup or cutmix (one, chosen at random when both are on), pairing sample i with sample B-1-i.
 
     Every image tensor in ``tensors`` gets the same mix, so a clean image and its DAD sample stay paired.
@@ -61,8 +62,18 @@ class DADTask(nn.Module):
     ``t_clean``, ``t_dad`` (teacher probabilities at temperature T, ``[B, K]``).
     """
 
-    def __init__(self, student: nn.Module, loss_cfg: LossConfig, *, num_classes: int, teacher: nn.Module | None = None,
-                 use_dad: bool = True, label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        loss_cfg: LossConfig,
+        *,
+        num_classes: int,
+        teacher: nn.Module | None = None,
+        use_dad: bool = True,
+        label_smoothing: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+    ) -> None:
         super().__init__()
         self.student = student
         self.teacher = teacher  # frozen; excluded from DDP because DDP wraps self.student only
@@ -86,9 +97,10 @@ class DADTask(nn.Module):
         if self.mixup > 0 or self.cutmix > 0:
             off = self.label_smoothing / self.num_classes
             one_hot = F.one_hot(labels, self.num_classes).float() * (1 - self.label_smoothing) + off
-            mixed, targets, perm, lam = mix_batch(images + stored, one_hot, mixup=self.mixup, cutmix=self.cutmix,
-                                                  rng=rng or np.random.default_rng())
-            images, stored = mixed[: len(images)], mixed[len(images):]
+            mixed, targets, perm, lam = mix_batch(
+                images + stored, one_hot, mixup=self.mixup, cutmix=self.cutmix, rng=rng or np.random.default_rng()
+            )
+            images, stored = mixed[: len(images)], mixed[len(images) :]
         t_clean = stored[0] if stored else self._teacher_probs(batch, "t_clean", images[0])
         # One forward pass over clean + DAD: faster than two, and BatchNorm sees both (as in variant C).
         logits = self.student(torch.cat(images))
@@ -100,5 +112,5 @@ class DADTask(nn.Module):
             out = self.loss(logits, torch.cat([targets, targets]), torch.cat([t_clean, t_dad]))
         else:
             t_dad = stored[1] if stored else self._teacher_probs(batch, "t_dad", images[1])
-            out = self.loss(s_clean, targets, t_clean, student_dad=logits[clean.shape[0]:], teacher_dad=t_dad)
+            out = self.loss(s_clean, targets, t_clean, student_dad=logits[clean.shape[0] :], teacher_dad=t_dad)
         return {**out, "output": s_clean}

@@ -52,8 +52,11 @@ def get_templates(name: str) -> tuple:
     """Prompt templates shipped in open_clip: ``openai`` (80), ``simple`` (7) or ``plain`` (1)."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-    sets = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES,
-            "plain": (lambda c: f"a photo of a {c}.",)}
+    sets = {
+        "openai": OPENAI_IMAGENET_TEMPLATES,
+        "simple": SIMPLE_IMAGENET_TEMPLATES,
+        "plain": (lambda c: f"a photo of a {c}.",),
+    }
     if name not in sets:
         raise ValueError(f"unknown template set {name!r}; choose one of {sorted(sets)}")
     return tuple(sets[name])
@@ -85,8 +88,17 @@ def freeze(module: nn.Module) -> FrozenTeacher:
 class CLIPClassifier(nn.Module):
     """CLIP image tower + cosine head. Input ``[B, 3, H, W]`` in [0, 1]; output ``[B, C]`` logits."""
 
-    def __init__(self, visual: nn.Module, head: Tensor, logit_scale: float, mean: Sequence[float],
-                 std: Sequence[float], image_size: int, classnames: Sequence[str], model_name: str = "") -> None:
+    def __init__(
+        self,
+        visual: nn.Module,
+        head: Tensor,
+        logit_scale: float,
+        mean: Sequence[float],
+        std: Sequence[float],
+        image_size: int,
+        classnames: Sequence[str],
+        model_name: str = "",
+    ) -> None:
         super().__init__()
         self.visual = visual
         self.head = nn.Parameter(head.detach().clone())  # [C, D], rows L2-normalized
@@ -104,8 +116,9 @@ class CLIPClassifier(nn.Module):
     def normalize_input(self, images: Tensor) -> Tensor:
         """[0, 1] pixels at any size -> the tower's resolution, CLIP mean/std normalized."""
         if images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bicubic",
-                                   align_corners=False, antialias=True)
+            images = F.interpolate(
+                images, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True
+            )
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -184,7 +197,8 @@ def create_clip_classifier(
         missing, unexpected = model.load_state_dict(clip_state_dict, strict=False)
         if missing or unexpected:
             raise TeacherCheckpointError(
-                f"open_clip weights do not fit {model_name}: missing {missing[:10]}, unexpected {unexpected[:10]}")
+                f"open_clip weights do not fit {model_name}: missing {missing[:10]}, unexpected {unexpected[:10]}"
+            )
     classnames = tuple(classnames or IMAGENET_CLASSNAMES)
     templates = get_templates(templates or "openai") if isinstance(templates, str | None) else tuple(templates)
     tokenizer = open_clip.get_tokenizer(model_name)
@@ -198,8 +212,9 @@ def create_clip_classifier(
     std = getattr(visual_cfg, "image_std", None) or open_clip.OPENAI_DATASET_STD
     size = visual_cfg.image_size
     size = size[0] if isinstance(size, tuple | list) else size
-    classifier = CLIPClassifier(model.visual, head.t().float(), model.logit_scale.exp().item(), mean, std, size,
-                                classnames, model_name)
+    classifier = CLIPClassifier(
+        model.visual, head.t().float(), model.logit_scale.exp().item(), mean, std, size, classnames, model_name
+    )
     classifier.train()  # the tower was put in eval() to build the head
     return classifier.to(device) if device is not None else classifier
 
@@ -235,7 +250,7 @@ def create_clip_teacher(
     """
     checkpoint = str(checkpoint) if checkpoint is not None else None
     if checkpoint and checkpoint.startswith("timm:"):
-        return freeze(_create_timm_teacher(checkpoint[len("timm:"):], device))
+        return freeze(_create_timm_teacher(checkpoint[len("timm:") :], device))
     state = _load_file(checkpoint) if checkpoint else None
     ours = isinstance(state, dict) and state.get("format") == _CHECKPOINT_FORMAT
     if ours:
@@ -244,15 +259,24 @@ def create_clip_teacher(
         if classnames is not None and tuple(classnames) != saved:
             raise TeacherCheckpointError(
                 f"teacher checkpoint {checkpoint} was fine-tuned on {len(saved)} classes {list(saved[:5])}..., "
-                f"which do not match the requested {len(classnames)} classes {list(classnames)[:5]}...")
+                f"which do not match the requested {len(classnames)} classes {list(classnames)[:5]}..."
+            )
         classnames = saved
     elif state is not None and not (isinstance(state, dict) and any(str(k).startswith("visual.") for k in state)):
         found = f"keys like {list(state)[:5]}" if isinstance(state, dict) else f"a {type(state).__name__}"
         raise TeacherCheckpointError(
             f"{checkpoint}: not a teacher checkpoint (expected a dad-clip-classifier file or open_clip weights "
-            f"with 'visual.*' keys; found {found})")
-    teacher = create_clip_classifier(model_name, None if ours else pretrained, classnames, templates,
-                                     device=device, clip_state_dict=None if ours else state, build_head=not ours)
+            f"with 'visual.*' keys; found {found})"
+        )
+    teacher = create_clip_classifier(
+        model_name,
+        None if ours else pretrained,
+        classnames,
+        templates,
+        device=device,
+        clip_state_dict=None if ours else state,
+        build_head=not ours,
+    )
     if ours:
         try:
             teacher.load_state_dict(state["state_dict"])
@@ -275,6 +299,12 @@ def save_teacher_checkpoint(model: CLIPClassifier, path: str | Path, extra: dict
     """Write a fine-tuned classifier (tower + head + class list) that ``create_clip_teacher`` loads."""
     from dad_core.io import save_torch
 
-    blob = {"format": _CHECKPOINT_FORMAT, "model_name": model.model_name, "classnames": list(model.classnames),
-            "image_size": model.image_size, "state_dict": model.state_dict(), **(extra or {})}
+    blob = {
+        "format": _CHECKPOINT_FORMAT,
+        "model_name": model.model_name,
+        "classnames": list(model.classnames),
+        "image_size": model.image_size,
+        "state_dict": model.state_dict(),
+        **(extra or {}),
+    }
     return save_torch(blob, Path(path))

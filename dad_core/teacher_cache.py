@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from dad_core._version import __version__
 from dad_core.attack import Discretizer, generate_dad_samples
 from dad_core.config import DADConfig, config_to_dict
-from dad_core.data import ImageFolderDataset, create_eval_transform, read_classes
+from dad_core.data import ImageFolderDataset, create_eval_transform, open_split
 from dad_core.errors import DADError
 from dad_core.io import atomic_path, atomic_write_json, save_torch, sha256_file
 from dad_core.losses import soften
@@ -47,7 +47,6 @@ __all__ = [
     "expand_topk",
     "finalize_cache",
     "load_teacher_cache",
-    "open_split",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -56,26 +55,6 @@ CACHE_FORMAT = "dad-teacher-cache/1"
 
 class CacheMismatchError(DADError):
     """The cache on disk was made from other inputs than the ones configured, or is incomplete."""
-
-
-def open_split(data_root: str | Path, split: str, transform=None) -> ImageFolderDataset:
-    """The ``train``/``val`` split of a prepared dataset, labelled by its ``classes.txt``.
-
-    The samples are the ``<split>/<class id>/<file>`` entries of the manifest's ``files``, under ``manifest["root"]``
-    (the tree itself for the digits; the referenced source folder or DVC checkout otherwise, without the files
-    prepare-data skipped), ordered as :func:`~dad_core.data.scan_image_folder` orders them. A tree without a
-    manifest is scanned.
-    """
-    data_root = Path(data_root)
-    classes = read_classes(data_root / "classes.txt")
-    manifest = _read_json(data_root / "manifest.json") or {}
-    prefix = f"{split}/"
-    files = [rel[len(prefix):] for rel in manifest.get("files", {}) if rel.startswith(prefix)]
-    if not files:
-        return ImageFolderDataset.from_folder(data_root / split, classes, transform)
-    index = classes.index()
-    samples = sorted(((rel, index[rel.split("/")[0]]) for rel in files), key=lambda s: (s[1], s[0]))
-    return ImageFolderDataset(data_root / manifest.get("root", ".") / split, samples, transform)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -90,20 +69,31 @@ def dataset_hash(data_root: str | Path) -> str:
     return manifest["dataset_hash"]
 
 
-def cache_dependencies(cfg: DADConfig, *, dataset: str, teacher_checkpoint_sha256: str | None,
-                       vqgan_checkpoint_sha256: str | None) -> dict[str, Any]:
+def cache_dependencies(
+    cfg: DADConfig, *, dataset: str, teacher_checkpoint_sha256: str | None, vqgan_checkpoint_sha256: str | None
+) -> dict[str, Any]:
     """Everything the cache's contents depend on; a training run compares it before using the cache."""
     return {
         "format": CACHE_FORMAT,
-        "teacher": {"model_name": cfg.teacher.model_name, "pretrained": cfg.teacher.pretrained,
-                    "templates": cfg.teacher.templates, "checkpoint_sha256": teacher_checkpoint_sha256},
+        "teacher": {
+            "model_name": cfg.teacher.model_name,
+            "pretrained": cfg.teacher.pretrained,
+            "templates": cfg.teacher.templates,
+            "checkpoint_sha256": teacher_checkpoint_sha256,
+        },
         "vqgan": {"config": cfg.vqgan.config, "checkpoint_sha256": vqgan_checkpoint_sha256},
         "attack": config_to_dict(cfg.attack),
         "dataset_hash": dataset,
         "transform": {"kind": "resize+center-crop", "image_size": cfg.data.image_size},
-        "views": {"views": cfg.cache.views, "topk": cfg.cache.topk, "seed": cfg.cache.seed,
-                  "crop_scale": list(cfg.train.crop_scale), "hflip": cfg.train.hflip,
-                  "randaugment": cfg.train.randaugment, "temperature": cfg.loss.temperature},
+        "views": {
+            "views": cfg.cache.views,
+            "topk": cfg.cache.topk,
+            "seed": cfg.cache.seed,
+            "crop_scale": list(cfg.train.crop_scale),
+            "hflip": cfg.train.hflip,
+            "randaugment": cfg.train.randaugment,
+            "temperature": cfg.loss.temperature,
+        },
         "shard_size": cfg.cache.shard_size,
         "batch_size": cfg.cache.batch_size,  # the random-start coin is drawn once per batch: it shapes the bytes
         "package_version": __version__,
@@ -122,8 +112,11 @@ def expand_topk(values: Tensor, indices: Tensor, num_classes: int) -> Tensor:
     values = values.float()
     k = values.shape[-1]
     rest = (1.0 - values.sum(-1, keepdim=True)).clamp_min(0.0) / max(num_classes - k, 1)
-    probs = rest.expand(*values.shape[:-1], num_classes).clone() if k < num_classes else values.new_zeros(
-        *values.shape[:-1], num_classes)
+    probs = (
+        rest.expand(*values.shape[:-1], num_classes).clone()
+        if k < num_classes
+        else values.new_zeros(*values.shape[:-1], num_classes)
+    )
     probs.scatter_(-1, indices.long(), values)
     return probs / probs.sum(-1, keepdim=True)
 
@@ -137,8 +130,15 @@ def _to_uint8(images: Tensor) -> Tensor:
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
-def _make_shard(teacher: nn.Module, vqgan: Discretizer, dataset: ImageFolderDataset, indices: list[int],
-                cfg: DADConfig, shard_id: int, device: torch.device) -> dict[str, Tensor]:
+def _make_shard(
+    teacher: nn.Module,
+    vqgan: Discretizer,
+    dataset: ImageFolderDataset,
+    indices: list[int],
+    cfg: DADConfig,
+    shard_id: int,
+    device: torch.device,
+) -> dict[str, Tensor]:
     """Compute one shard in memory: clean + DAD images, labels, soft labels, and R views of each."""
     from torch.utils.data import DataLoader, Subset
 
@@ -146,8 +146,9 @@ def _make_shard(teacher: nn.Module, vqgan: Discretizer, dataset: ImageFolderData
     rng = np.random.default_rng([cfg.cache.seed, shard_id])
     on_gpu = device.type == "cuda"
     T, k = cfg.loss.temperature, cfg.cache.topk
-    loader = DataLoader(Subset(dataset, indices), batch_size=cfg.cache.batch_size, num_workers=cfg.data.num_workers,
-                        pin_memory=on_gpu)
+    loader = DataLoader(
+        Subset(dataset, indices), batch_size=cfg.cache.batch_size, num_workers=cfg.data.num_workers, pin_memory=on_gpu
+    )
     out: dict[str, list[Tensor]] = {key: [] for key in ("clean", "dad", "labels")}
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -175,15 +176,20 @@ def _make_shard(teacher: nn.Module, vqgan: Discretizer, dataset: ImageFolderData
     return shard
 
 
-def _view_probs(teacher: nn.Module, images: Tensor, views: Tensor, cfg: DADConfig, device: torch.device,
-                autocast: bool) -> Tensor:
+def _view_probs(
+    teacher: nn.Module, images: Tensor, views: Tensor, cfg: DADConfig, device: torch.device, autocast: bool
+) -> Tensor:
     """Teacher probabilities on every stored view, ``[N * R, K]``, built batch by batch on the device."""
     pairs = [(i, r) for i in range(views.shape[0]) for r in range(views.shape[1])]
     images = images.to(device)
     chunks = []
     for start in range(0, len(pairs), cfg.cache.batch_size):
-        batch = torch.stack([apply_view(images[i], views[i, r], cfg.data.image_size, randaugment=cfg.train.randaugment)
-                             for i, r in pairs[start:start + cfg.cache.batch_size]])
+        batch = torch.stack(
+            [
+                apply_view(images[i], views[i, r], cfg.data.image_size, randaugment=cfg.train.randaugment)
+                for i, r in pairs[start : start + cfg.cache.batch_size]
+            ]
+        )
         chunks.append(_teacher_probs(teacher, batch, cfg.loss.temperature, autocast).float().cpu())
     return torch.cat(chunks)
 
@@ -192,7 +198,7 @@ def _batched_probs(teacher, images: Tensor, batch_size: int, device, T: float, a
     """Teacher probabilities on uint8 images ``[N, 3, H, W]``, batch by batch."""
     chunks = []
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device).float() / 255.0
+        x = images[start : start + batch_size].to(device).float() / 255.0
         chunks.append(_teacher_probs(teacher, x, T, autocast).float().cpu())
     return torch.cat(chunks)
 
@@ -220,8 +226,9 @@ def _write_shard(root: Path, shard_id: int, start: int, shard: dict[str, Tensor]
     """Save a shard atomically, then its sidecar: a shard counts as done only once the sidecar exists."""
     data_path, sidecar = _shard_paths(root, shard_id)
     save_torch(shard, data_path)
-    atomic_write_json(sidecar, {"shard": shard_id, "start": start, "count": len(shard["labels"]),
-                                "sha256": sha256_file(data_path)})
+    atomic_write_json(
+        sidecar, {"shard": shard_id, "start": start, "count": len(shard["labels"]), "sha256": sha256_file(data_path)}
+    )
 
 
 def _check_deps(root: Path, deps: dict[str, Any]) -> None:
@@ -232,7 +239,8 @@ def _check_deps(root: Path, deps: dict[str, Any]) -> None:
         diff = sorted(key for key in set(existing) | set(deps) if existing.get(key) != deps.get(key))
         raise CacheMismatchError(
             f"{root} already holds a cache made from other inputs (differs in: {', '.join(diff)}); "
-            "use another output folder or delete it")
+            "use another output folder or delete it"
+        )
 
 
 def cache_teacher(
@@ -274,8 +282,12 @@ def cache_teacher(
         raise CacheMismatchError(f"shard index {shard_index} is not in [0, {num_shards})")
     root, device = Path(output_dir), torch.device(device)
     root.mkdir(parents=True, exist_ok=True)
-    deps = cache_dependencies(cfg, dataset=dataset_hash(data_root), teacher_checkpoint_sha256=teacher_checkpoint_sha256,
-                              vqgan_checkpoint_sha256=vqgan_checkpoint_sha256)
+    deps = cache_dependencies(
+        cfg,
+        dataset=dataset_hash(data_root),
+        teacher_checkpoint_sha256=teacher_checkpoint_sha256,
+        vqgan_checkpoint_sha256=vqgan_checkpoint_sha256,
+    )
     _check_deps(root, deps)
     dataset = open_split(data_root, "train", create_eval_transform(cfg.data.image_size))
     if cfg.cache.compile:
@@ -303,13 +315,27 @@ def cache_teacher(
             pending.result()
     seconds = time.perf_counter() - start
     manifest = finalize_cache(root, total_shards=total_shards, num_samples=len(dataset))
-    _logger.info("cache worker %d/%d: %d shards written, %d skipped, %.1f images/s", shard_index, num_shards,
-                 len(written), len(skipped), images / max(seconds, 1e-9))
-    return {"output_dir": str(root), "shard_index": shard_index, "num_shards": num_shards,
-            "total_shards": total_shards, "shards_written": written, "shards_skipped": skipped, "images": images,
-            "seconds": round(seconds, 3), "images_per_s": round(images / max(seconds, 1e-9), 2),
-            "complete": manifest is not None,
-            "manifest_sha256": sha256_file(root / "manifest.json") if manifest else None}
+    _logger.info(
+        "cache worker %d/%d: %d shards written, %d skipped, %.1f images/s",
+        shard_index,
+        num_shards,
+        len(written),
+        len(skipped),
+        images / max(seconds, 1e-9),
+    )
+    return {
+        "output_dir": str(root),
+        "shard_index": shard_index,
+        "num_shards": num_shards,
+        "total_shards": total_shards,
+        "shards_written": written,
+        "shards_skipped": skipped,
+        "images": images,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(images / max(seconds, 1e-9), 2),
+        "complete": manifest is not None,
+        "manifest_sha256": sha256_file(root / "manifest.json") if manifest else None,
+    }
 
 
 def finalize_cache(root: str | Path, *, total_shards: int, num_samples: int) -> dict | None:
@@ -318,8 +344,12 @@ def finalize_cache(root: str | Path, *, total_shards: int, num_samples: int) -> 
     sidecars = [_read_json(_shard_paths(root, i)[1]) for i in range(total_shards)]
     if any(s is None for s in sidecars):
         return None
-    manifest = {**json.loads((root / "deps.json").read_text()), "num_samples": num_samples,
-                "num_shards": total_shards, "shards": {f"shard-{s['shard']:05d}": s for s in sidecars}}
+    manifest = {
+        **json.loads((root / "deps.json").read_text()),
+        "num_samples": num_samples,
+        "num_shards": total_shards,
+        "shards": {f"shard-{s['shard']:05d}": s for s in sidecars},
+    }
     atomic_write_json(root / "manifest.json", manifest)
     _write_sample_grid(root)
     return manifest
@@ -378,8 +408,9 @@ class TeacherCache:
         return expand_topk(values, indices, self.num_classes)
 
 
-def load_teacher_cache(root: str | Path, *, num_classes: int, expected: dict[str, Any] | None = None,
-                       verify: bool = True) -> TeacherCache:
+def load_teacher_cache(
+    root: str | Path, *, num_classes: int, expected: dict[str, Any] | None = None, verify: bool = True
+) -> TeacherCache:
     """Open a finished cache, refusing one whose dependencies differ from ``expected``.
 
     Only the keys present in ``expected`` are compared, and inside ``teacher``/``vqgan`` a checksum of None means
@@ -401,8 +432,9 @@ def load_teacher_cache(root: str | Path, *, num_classes: int, expected: dict[str
         if diff:
             raise CacheMismatchError(
                 f"teacher cache {root} does not match the training config: {key} differs in {diff} "
-                f"(cache: { {k: have.get(k) for k in diff} if isinstance(have, dict) else have}, "
-                f"config: { {k: want.get(k) for k in diff} if isinstance(want, dict) else want}); rebuild the cache")
+                f"(cache: { {k: have.get(k) for k in diff} if isinstance(have, dict) else have }, "
+                f"config: { {k: want.get(k) for k in diff} if isinstance(want, dict) else want }); rebuild the cache"
+            )
     if verify:
         for name, info in manifest["shards"].items():
             path = root / f"{name}.pt"

@@ -47,12 +47,19 @@ class TrainState:
 
 def _expected_deps(cfg: DADConfig, data_root: Path) -> dict[str, Any]:
     """What the cache must have been made from, as far as the training config can tell."""
-    teacher_sha = sha256_file(Path(cfg.teacher.checkpoint)) if cfg.teacher.checkpoint and Path(
-        cfg.teacher.checkpoint).is_file() else None
-    vqgan_sha = sha256_file(Path(cfg.vqgan.checkpoint)) if cfg.vqgan.checkpoint and Path(
-        cfg.vqgan.checkpoint).is_file() else None
-    deps = cache_dependencies(cfg, dataset=dataset_hash(data_root), teacher_checkpoint_sha256=teacher_sha,
-                              vqgan_checkpoint_sha256=vqgan_sha)
+    teacher_sha = (
+        sha256_file(Path(cfg.teacher.checkpoint))
+        if cfg.teacher.checkpoint and Path(cfg.teacher.checkpoint).is_file()
+        else None
+    )
+    vqgan_sha = (
+        sha256_file(Path(cfg.vqgan.checkpoint))
+        if cfg.vqgan.checkpoint and Path(cfg.vqgan.checkpoint).is_file()
+        else None
+    )
+    deps = cache_dependencies(
+        cfg, dataset=dataset_hash(data_root), teacher_checkpoint_sha256=teacher_sha, vqgan_checkpoint_sha256=vqgan_sha
+    )
     for key in ("package_version", "shard_size", "batch_size"):  # how the cache was made, not what it holds
         deps.pop(key)
     if cfg.train.teacher_mode == "online" or deps["views"]["views"] == 0:
@@ -63,8 +70,14 @@ def _expected_deps(cfg: DADConfig, data_root: Path) -> dict[str, Any]:
 def _build_teacher(cfg: DADConfig, classnames: list[str], device: torch.device) -> nn.Module:
     from dad_core.teacher import create_clip_teacher
 
-    return create_clip_teacher(cfg.teacher.model_name, cfg.teacher.pretrained, cfg.teacher.checkpoint, classnames,
-                               cfg.teacher.templates, device=device)
+    return create_clip_teacher(
+        cfg.teacher.model_name,
+        cfg.teacher.pretrained,
+        cfg.teacher.checkpoint,
+        classnames,
+        cfg.teacher.templates,
+        device=device,
+    )
 
 
 def _build_optimization(cfg: DADConfig, model: nn.Module, steps_per_epoch: int, device: torch.device):
@@ -75,8 +88,15 @@ def _build_optimization(cfg: DADConfig, model: nn.Module, steps_per_epoch: int, 
     # Fused AdamW/SGD kernels on GPU (one launch for all parameters); timm passes the flag to torch.optim.
     kwargs = {"fused": True} if device.type == "cuda" and t.optimizer.lower() in ("adamw", "adam", "sgd") else {}
     optimizer = create_optimizer_v2(model, opt=t.optimizer, lr=t.lr, weight_decay=t.weight_decay, **kwargs)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=t.sched, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
-                                       min_lr=t.min_lr, updates_per_epoch=steps_per_epoch, warmup_lr=t.lr * 0.01)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=t.sched,
+        num_epochs=t.epochs,
+        warmup_epochs=t.warmup_epochs,
+        min_lr=t.min_lr,
+        updates_per_epoch=steps_per_epoch,
+        warmup_lr=t.lr * 0.01,
+    )
     return optimizer, scheduler
 
 
@@ -113,9 +133,12 @@ class _Run:
         payload = {
             "model": unwrap_model(self.task.student).state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "scaler": None,  # bf16 autocast needs no loss scaling
-            "train_state": self.state.__dict__, "mix_rng": self.mix_rng.bit_generator.state, "rng": _rng_state(),
+            "train_state": self.state.__dict__,
+            "mix_rng": self.mix_rng.bit_generator.state,
+            "rng": _rng_state(),
         }
         save_checkpoint(directory, payload, {**self.meta, "step": self.state.step, "epoch": self.state.epoch})
 
@@ -131,9 +154,19 @@ class _Run:
         _set_rng_state(payload["rng"])
 
 
-def fit(cfg: DADConfig, data_root: str | Path, cache_dir: str | Path, output_dir: str | Path, *,
-        resume: bool = False, device: str | None = None, stop_after_steps: int | None = None,
-        progress: bool = True, tracker: Any = None, replay_views_online: bool = False) -> dict[str, Any]:
+def fit(
+    cfg: DADConfig,
+    data_root: str | Path,
+    cache_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    resume: bool = False,
+    device: str | None = None,
+    stop_after_steps: int | None = None,
+    progress: bool = True,
+    tracker: Any = None,
+    replay_views_online: bool = False,
+) -> dict[str, Any]:
     """Train a student with the DAD loss; returns a JSON-able report.
 
     Args:
@@ -157,24 +190,44 @@ def fit(cfg: DADConfig, data_root: str | Path, cache_dir: str | Path, output_dir
     classes = read_classes(data_root / "classes.txt")
     cache = load_teacher_cache(cache_dir, num_classes=len(classes), expected=_expected_deps(cfg, data_root))
     online = cfg.train.teacher_mode == "online"
-    dataset = DADPairs(cache, image_size=cfg.data.image_size, seed=cfg.train.seed,
-                       replay=not online or replay_views_online, with_teacher=not online,
-                       crop_scale=cfg.train.crop_scale, hflip=cfg.train.hflip, randaugment=cfg.train.randaugment)
-    sampler = ResumableSampler(len(dataset), batch_size=cfg.train.batch_size, rank=info.rank,
-                               world_size=info.world_size, seed=cfg.train.seed)
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.train.num_workers,
-                        pin_memory=dev.type == "cuda", drop_last=True)
+    dataset = DADPairs(
+        cache,
+        image_size=cfg.data.image_size,
+        seed=cfg.train.seed,
+        replay=not online or replay_views_online,
+        with_teacher=not online,
+        crop_scale=cfg.train.crop_scale,
+        hflip=cfg.train.hflip,
+        randaugment=cfg.train.randaugment,
+    )
+    sampler = ResumableSampler(
+        len(dataset), batch_size=cfg.train.batch_size, rank=info.rank, world_size=info.world_size, seed=cfg.train.seed
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        num_workers=cfg.train.num_workers,
+        pin_memory=dev.type == "cuda",
+        drop_last=True,
+    )
     run = _setup_run(cfg, classes, dev, info, sampler.batches_per_epoch, online, cache.manifest)
     if tracker is None:
         from dad_core.tracking import create_tracker
 
-        tracker = create_tracker(cfg.tracking, primary=is_primary(), run_name=output_dir.name,
-                                 tags=_lineage(cfg, data_root, cache_dir))
+        tracker = create_tracker(
+            cfg.tracking, primary=is_primary(), run_name=output_dir.name, tags=_lineage(cfg, data_root, cache_dir)
+        )
     checkpoint_dir = output_dir / "checkpoint"
     if resume and (checkpoint_dir / "state.pt").is_file():
         run.load(checkpoint_dir)
-        _logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint_dir, run.state.step,
-                     run.state.epoch, run.state.batch_in_epoch)
+        _logger.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            checkpoint_dir,
+            run.state.step,
+            run.state.epoch,
+            run.state.batch_in_epoch,
+        )
     if is_primary():
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
@@ -186,11 +239,13 @@ def fit(cfg: DADConfig, data_root: str | Path, cache_dir: str | Path, output_dir
         return _finish(run, cfg, data_root, output_dir, dev, tracker, report)
 
 
-def _setup_run(cfg: DADConfig, classes, dev: torch.device, info, batches_per_epoch: int, online: bool,
-               cache_manifest: dict) -> _Run:
+def _setup_run(
+    cfg: DADConfig, classes, dev: torch.device, info, batches_per_epoch: int, online: bool, cache_manifest: dict
+) -> _Run:
     t = cfg.train
-    student = create_student(t.model, len(classes), pretrained=t.pretrained, drop_path=t.drop_path,
-                             image_size=cfg.data.image_size).to(dev)
+    student = create_student(
+        t.model, len(classes), pretrained=t.pretrained, drop_path=t.drop_path, image_size=cfg.data.image_size
+    ).to(dev)
     if dev.type == "cuda" and t.channels_last:
         student = student.to(memory_format=torch.channels_last)
     ema = None
@@ -205,16 +260,41 @@ def _setup_run(cfg: DADConfig, classes, dev: torch.device, info, batches_per_epo
         trained = torch.compile(trained)
     teacher = _build_teacher(cfg, list(classes.names), dev) if online else None
     use_dad = cache_manifest["attack"]["mode"] != "none"
-    task = DADTask(trained, cfg.loss, num_classes=len(classes), teacher=teacher, use_dad=use_dad,
-                   label_smoothing=t.label_smoothing, mixup=t.mixup, cutmix=t.cutmix)
+    task = DADTask(
+        trained,
+        cfg.loss,
+        num_classes=len(classes),
+        teacher=teacher,
+        use_dad=use_dad,
+        label_smoothing=t.label_smoothing,
+        mixup=t.mixup,
+        cutmix=t.cutmix,
+    )
     steps_per_epoch = max(batches_per_epoch // t.grad_accum, 1)
     optimizer, scheduler = _build_optimization(cfg, student, steps_per_epoch, dev)
-    meta = {"model": t.model, "num_classes": len(classes), "image_size": cfg.data.image_size,
-            "classes": list(classes.ids), "class_names": list(classes.names), "config_hash": config_hash(cfg),
-            "teacher_mode": t.teacher_mode, "attack_mode": cache_manifest["attack"]["mode"],
-            "loss_variant": cfg.loss.variant, "world_size": info.world_size}
-    return _Run(cfg, task, trained, optimizer, scheduler, ema, np.random.default_rng(t.seed + 7919 * info.rank),
-                TrainState(), meta)
+    meta = {
+        "model": t.model,
+        "num_classes": len(classes),
+        "image_size": cfg.data.image_size,
+        "classes": list(classes.ids),
+        "class_names": list(classes.names),
+        "config_hash": config_hash(cfg),
+        "teacher_mode": t.teacher_mode,
+        "attack_mode": cache_manifest["attack"]["mode"],
+        "loss_variant": cfg.loss.variant,
+        "world_size": info.world_size,
+    }
+    return _Run(
+        cfg,
+        task,
+        trained,
+        optimizer,
+        scheduler,
+        ema,
+        np.random.default_rng(t.seed + 7919 * info.rank),
+        TrainState(),
+        meta,
+    )
 
 
 def _autocast(cfg: DADConfig, dev: torch.device):
@@ -258,8 +338,9 @@ def _loop(run: _Run, loader, sampler, dataset, dev, checkpoint_dir: Path, tracke
             bar.update()
             bar.set_postfix(epoch=st.epoch, loss=f"{last['loss']:.3f}")
             if st.step % 10 == 0 or st.step == total_steps:
-                tracker.log_metrics({**last, "images_per_s": seen / max(time.perf_counter() - start, 1e-9)},
-                                    step=st.step)
+                tracker.log_metrics(
+                    {**last, "images_per_s": seen / max(time.perf_counter() - start, 1e-9)}, step=st.step
+                )
             if stop_after_steps is not None and st.step >= stop_after_steps:
                 bar.close()
                 return {"stopped": True, "step": st.step}
@@ -270,8 +351,13 @@ def _loop(run: _Run, loader, sampler, dataset, dev, checkpoint_dir: Path, tracke
         _save(run, checkpoint_dir)
     bar.close()
     seconds = time.perf_counter() - start
-    return {"steps": st.step, "epochs": st.epoch, "final": last, "seconds": round(seconds, 2),
-            "images_per_s": round(seen / max(seconds, 1e-9), 2)}
+    return {
+        "steps": st.step,
+        "epochs": st.epoch,
+        "final": last,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(seen / max(seconds, 1e-9), 2),
+    }
 
 
 def _optimizer_step(run: _Run, out: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -297,9 +383,11 @@ def _lineage(cfg: DADConfig, data_root: Path, cache_dir: str | Path) -> dict[str
     from dad_core.tracking import lineage_tags
 
     manifest = Path(cache_dir) / "manifest.json"
-    return lineage_tags(dataset_hash=dataset_hash(data_root),
-                        cache_hash=sha256_file(manifest) if manifest.is_file() else None,
-                        teacher=f"{cfg.teacher.model_name}:{cfg.teacher.pretrained or cfg.teacher.checkpoint}")
+    return lineage_tags(
+        dataset_hash=dataset_hash(data_root),
+        cache_hash=sha256_file(manifest) if manifest.is_file() else None,
+        teacher=f"{cfg.teacher.model_name}:{cfg.teacher.pretrained or cfg.teacher.checkpoint}",
+    )
 
 
 def _ranks_in_sync(model: nn.Module) -> bool:
@@ -325,22 +413,29 @@ def _ranks_in_sync(model: nn.Module) -> bool:
 
 
 def _finish(run: _Run, cfg: DADConfig, data_root: Path, output_dir: Path, dev, tracker, report) -> dict[str, Any]:
-    from dad_core.data import create_eval_transform
+    from dad_core.data import create_eval_transform, open_split
     from dad_core.finetune import accuracy
-    from dad_core.teacher_cache import open_split
 
     student = unwrap_model(run.task.student)
     in_sync = _ranks_in_sync(student)
     evaluated = run.ema.module if run.ema is not None else student
     val = open_split(data_root, "val", create_eval_transform(cfg.data.image_size))
     val_top1 = accuracy(evaluated, DataLoader(val, batch_size=256), dev) if is_primary() else None
-    report = {**report, "val_top1": val_top1, "ranks_in_sync": in_sync, "world_size": run.meta["world_size"],
-              "output_dir": str(output_dir), "model_dir": str(output_dir / "model")}
+    report = {
+        **report,
+        "val_top1": val_top1,
+        "ranks_in_sync": in_sync,
+        "world_size": run.meta["world_size"],
+        "output_dir": str(output_dir),
+        "model_dir": str(output_dir / "model"),
+    }
     if is_primary():
         run.meta["val_top1"] = val_top1
-        save_checkpoint(output_dir / "model", {"model": student.state_dict(),
-                                               "ema": run.ema.module.state_dict() if run.ema else None},
-                        run.meta)
+        save_checkpoint(
+            output_dir / "model",
+            {"model": student.state_dict(), "ema": run.ema.module.state_dict() if run.ema else None},
+            run.meta,
+        )
         atomic_write_json(output_dir / "report.json", report)
         tracker.log_metrics({"val_top1": val_top1}, step=run.state.step)
         for name in ("config.yaml", "report.json"):

@@ -27,8 +27,18 @@ class DADPairs(Dataset):
     stored soft labels are used.
     """
 
-    def __init__(self, cache: TeacherCache, *, image_size: int, seed: int, replay: bool, with_teacher: bool,
-                 crop_scale: tuple[float, float], hflip: float, randaugment: str = "") -> None:
+    def __init__(
+        self,
+        cache: TeacherCache,
+        *,
+        image_size: int,
+        seed: int,
+        replay: bool,
+        with_teacher: bool,
+        crop_scale: tuple[float, float],
+        hflip: float,
+        randaugment: str = "",
+    ) -> None:
         self.cache, self.image_size, self.seed = cache, image_size, seed
         self.replay, self.with_teacher = replay and cache.views > 0, with_teacher
         self.crop_scale, self.hflip, self.randaugment = crop_scale, hflip, randaugment
@@ -57,7 +67,8 @@ class DADPairs(Dataset):
         for name, image in (("clean", clean), ("dad", dad)):
             if view is None:
                 item[name] = torch.nn.functional.interpolate(
-                    image[None].float() / 255.0, size=(self.image_size,) * 2, mode="bilinear", antialias=True)[0]
+                    image[None].float() / 255.0, size=(self.image_size,) * 2, mode="bilinear", antialias=True
+                )[0]
             else:
                 item[name] = apply_view(image, view, self.image_size, randaugment=self.randaugment)
             if self.with_teacher:
@@ -88,8 +99,8 @@ class ResumableSampler(Sampler[int]):
     def __iter__(self):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         keep = self.batches_per_epoch * self.batch_size * self.world_size
-        mine = order[:keep][self.rank::self.world_size]
-        return iter(mine[self.start_batch * self.batch_size:].tolist())
+        mine = order[:keep][self.rank :: self.world_size]
+        return iter(mine[self.start_batch * self.batch_size :].tolist())
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size

@@ -30,8 +30,15 @@ class ViewSpec:
     seed: int  # seeds the photometric op (RandAugment) so it replays identically
 
 
-def sample_view(height: int, width: int, rng: np.random.Generator, *, scale: tuple[float, float],
-                hflip: float, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> ViewSpec:
+def sample_view(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    *,
+    scale: tuple[float, float],
+    hflip: float,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> ViewSpec:
     """RandomResizedCrop-style box (area fraction in ``scale``, aspect ratio in ``ratio``), flip and seed."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -49,8 +56,9 @@ def sample_view(height: int, width: int, rng: np.random.Generator, *, scale: tup
     return ViewSpec(top, left, h, w, flip, int(rng.integers(0, 2**31 - 1)))
 
 
-def sample_views(n: int, views: int, height: int, width: int, rng: np.random.Generator, *,
-                 scale: tuple[float, float], hflip: float) -> Tensor:
+def sample_views(
+    n: int, views: int, height: int, width: int, rng: np.random.Generator, *, scale: tuple[float, float], hflip: float
+) -> Tensor:
     """``[n, views, 6]`` int64 table of (top, left, height, width, flip, seed)."""
     table = torch.zeros(n, views, 6, dtype=torch.int64)
     for i in range(n):
@@ -70,7 +78,7 @@ def apply_view(image: Tensor, view: Tensor | ViewSpec, size: int, *, randaugment
         top, left, h, w, flip, seed = view.top, view.left, view.height, view.width, int(view.flip), view.seed
     else:
         top, left, h, w, flip, seed = (int(v) for v in view.tolist())
-    x = image[:, top:top + h, left:left + w]
+    x = image[:, top : top + h, left : left + w]
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     if (h, w) != (size, size):
         x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]

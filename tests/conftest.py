@@ -20,7 +20,6 @@ pytest_plugins = ["servers"]  # SeaweedFS / MLflow server fixtures (tests/server
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-    yield
 
 
 def pytest_collection_modifyitems(config, items):

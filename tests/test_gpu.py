@@ -20,8 +20,9 @@ def test_dad_generation_in_bf16_stays_close_to_fp32(tiny_teacher):
     reference = generate_dad_samples(tiny_teacher, vqgan, images, labels, cfg)
     cuda_teacher, cuda_vqgan = tiny_teacher.cuda(), vqgan.cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        fast = generate_dad_samples(cuda_teacher, cuda_vqgan, images.cuda().contiguous(
-            memory_format=torch.channels_last), labels.cuda(), cfg)
+        fast = generate_dad_samples(
+            cuda_teacher, cuda_vqgan, images.cuda().contiguous(memory_format=torch.channels_last), labels.cuda(), cfg
+        )
     # Random weights put many codes near ties, so compare images, not codes: most pixels must agree closely.
     close = ((fast.float().cpu() - reference).abs() < 0.05).float().mean().item()
     assert close > 0.9
@@ -34,8 +35,13 @@ def test_train_step_bf16_channels_last_and_compile():
     cfg = load_config(None, [])
     student = create_student("resnet10t", 10).cuda().to(memory_format=torch.channels_last)
     task = DADTask(torch.compile(student), cfg.loss, num_classes=10)
-    batch = {"clean": torch.rand(8, 3, 32, 32), "dad": torch.rand(8, 3, 32, 32), "label": torch.randint(0, 10, (8,)),
-             "t_clean": torch.softmax(torch.randn(8, 10), -1), "t_dad": torch.softmax(torch.randn(8, 10), -1)}
+    batch = {
+        "clean": torch.rand(8, 3, 32, 32),
+        "dad": torch.rand(8, 3, 32, 32),
+        "label": torch.randint(0, 10, (8,)),
+        "t_clean": torch.softmax(torch.randn(8, 10), -1),
+        "t_dad": torch.softmax(torch.randn(8, 10), -1),
+    }
     batch = {k: v.cuda() for k, v in batch.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = task(batch)

@@ -12,17 +12,52 @@ from typing import Any
 from dad_core.config import DADConfig, load_config
 from dad_core.errors import DADError
 
-__all__ = ["add_config_args", "config_from_args", "fail", "run_main", "setup_logging", "write_report"]
+__all__ = [
+    "add_config_args",
+    "add_step_args",
+    "config_from_args",
+    "fail",
+    "report_path",
+    "run_main",
+    "setup_logging",
+    "write_report",
+]
 
 _logger = logging.getLogger("dad_core.cli")
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """``--config params.yaml`` and repeated ``--param section.key=value`` (also ``-p``)."""
-    parser.add_argument("--config", type=Path, default=None,
-                        help="YAML config namespaced per section (default: params.yaml if present, else built-ins)")
-    parser.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted override, e.g. --param train.epochs=2 (repeatable)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config namespaced per section (default: params.yaml if present, else built-ins)",
+    )
+    parser.add_argument(
+        "-p",
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --param train.epochs=2 (repeatable)",
+    )
+
+
+def add_step_args(parser: argparse.ArgumentParser, *, output: Path, output_help: str) -> None:
+    """The arguments of a step that reads a prepared dataset and writes one file plus its JSON report."""
+    parser.add_argument("--data-root", type=Path, help="prepared dataset (default: data.root)")
+    parser.add_argument("--output", type=Path, default=output, help=f"{output_help} (default: {output})")
+    parser.add_argument("--report", type=Path, help="JSON report (default: <output>.report.json)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: a GPU if present)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_args(parser)
+
+
+def report_path(args: argparse.Namespace) -> Path:
+    """``--report``, or ``<output>.report.json`` beside the output."""
+    return args.report or args.output.with_name(f"{args.output.name}.report.json")
 
 
 def config_from_args(args: argparse.Namespace) -> DADConfig:
@@ -38,7 +73,8 @@ def _quiet_open_clip(record: logging.LogRecord) -> bool:
     if "open_clip" not in record.pathname:
         return True
     return record.levelno > logging.WARNING or (
-        record.levelno == logging.WARNING and "No pretrained weights loaded" not in record.getMessage())
+        record.levelno == logging.WARNING and "No pretrained weights loaded" not in record.getMessage()
+    )
 
 
 def setup_logging(primary: bool = True, level: int = logging.INFO) -> None:

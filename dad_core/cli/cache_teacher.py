@@ -29,8 +29,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true")
     add_config_args(parser)
     args = parser.parse_args(argv)
-    args.params += [f"{key}={value}" for key, value in (("teacher.checkpoint", args.teacher_checkpoint),
-                                                        ("vqgan.checkpoint", args.vqgan_checkpoint)) if value]
+    args.params += [
+        f"{key}={value}"
+        for key, value in (("teacher.checkpoint", args.teacher_checkpoint), ("vqgan.checkpoint", args.vqgan_checkpoint))
+        if value
+    ]
     return args
 
 
@@ -49,22 +52,37 @@ def _body(argv: list[str] | None) -> int:
     data_root, output = args.data_root or Path(cfg.data.root), args.output or Path(cfg.cache.root)
     t, v = cfg.teacher, cfg.vqgan
     if not v.checkpoint and cfg.attack.mode != "none":  # before loading anything: a ViT-L teacher takes minutes
-        raise ConfigError("vqgan.checkpoint: DAD samples need a trained VQGAN (a random one turns images into noise); "
-                          "run `dad train-vqgan` or pass a published checkpoint with --vqgan-checkpoint")
+        raise ConfigError(
+            "vqgan.checkpoint: DAD samples need a trained VQGAN (a random one turns images into noise); "
+            "run `dad train-vqgan` or pass a published checkpoint with --vqgan-checkpoint"
+        )
     classes = read_classes(data_root / "classes.txt")
-    teacher = create_clip_teacher(t.model_name, t.pretrained, t.checkpoint, list(classes.names), t.templates,
-                                  device=device)
+    teacher = create_clip_teacher(
+        t.model_name, t.pretrained, t.checkpoint, list(classes.names), t.templates, device=device
+    )
     vqgan = IdentityDiscretizer()
     if v.checkpoint:
         vqgan = VQGAN.from_checkpoint(v.checkpoint, config=v.config).to(device).eval()
     local = lambda p: sha256_file(Path(p)) if p and Path(p).is_file() else None  # noqa: E731
-    report = cache_teacher(cfg, data_root, output, teacher, vqgan, shard_index=args.shard_index,
-                           num_shards=args.num_shards, device=device, teacher_checkpoint_sha256=local(t.checkpoint),
-                           vqgan_checkpoint_sha256=local(v.checkpoint), progress=not args.no_progress)
+    report = cache_teacher(
+        cfg,
+        data_root,
+        output,
+        teacher,
+        vqgan,
+        shard_index=args.shard_index,
+        num_shards=args.num_shards,
+        device=device,
+        teacher_checkpoint_sha256=local(t.checkpoint),
+        vqgan_checkpoint_sha256=local(v.checkpoint),
+        progress=not args.no_progress,
+    )
     path = write_report(report, args.report or output / f"report-{args.shard_index}.json")
     state = "complete" if report["complete"] else "waiting for other workers"
-    print(f"cache {output}: {len(report['shards_written'])} shards written, {len(report['shards_skipped'])} "
-          f"skipped, {report['images_per_s']} images/s; {state}; report {path}")
+    print(
+        f"cache {output}: {len(report['shards_written'])} shards written, {len(report['shards_skipped'])} "
+        f"skipped, {report['images_per_s']} images/s; {state}; report {path}"
+    )
     return 0
 
 

@@ -10,18 +10,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dad_core.cli._common import add_config_args, config_from_args, run_main, setup_logging, write_report
+from dad_core.cli._common import add_step_args, config_from_args, report_path, run_main, setup_logging, write_report
 from dad_core.distributed import resolve_device
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dad finetune-teacher", description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", type=Path, help="prepared dataset (default: data.root)")
-    parser.add_argument("--output", type=Path, default=Path("models/teacher.pt"), help="checkpoint file")
-    parser.add_argument("--report", type=Path, help="JSON report (default: <output>.report.json)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: a GPU if present)")
-    parser.add_argument("--no-progress", action="store_true")
-    add_config_args(parser)
+    add_step_args(parser, output=Path("models/teacher.pt"), output_help="checkpoint file")
     return parser.parse_args(argv)
 
 
@@ -32,11 +27,14 @@ def _body(argv: list[str] | None) -> int:
     cfg = config_from_args(args)
     setup_logging()
     data_root = args.data_root or Path(cfg.data.root)
-    report = finetune_teacher(cfg, data_root, args.output, device=resolve_device(args.device),
-                              progress=not args.no_progress)
-    path = write_report(report, args.report or args.output.with_name(f"{args.output.name}.report.json"))
-    print(f"teacher val top-1 {report['zero_shot_top1']:.2f}% zero-shot -> {report['top1']:.2f}% fine-tuned; "
-          f"checkpoint {report['output']}; report {path}")
+    report = finetune_teacher(
+        cfg, data_root, args.output, device=resolve_device(args.device), progress=not args.no_progress
+    )
+    path = write_report(report, report_path(args))
+    print(
+        f"teacher val top-1 {report['zero_shot_top1']:.2f}% zero-shot -> {report['top1']:.2f}% fine-tuned; "
+        f"checkpoint {report['output']}; report {path}"
+    )
     return 0
 
 

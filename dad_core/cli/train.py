@@ -38,14 +38,22 @@ def _body(argv: list[str] | None) -> int:
     cfg = config_from_args(args)
     setup_logging(is_primary())
     try:
-        report = fit(cfg, args.data_root or Path(cfg.data.root), args.cache or Path(cfg.cache.root),
-                     args.output or Path(cfg.train.output_dir), resume=args.resume, device=args.device,
-                     progress=not args.no_progress)
+        report = fit(
+            cfg,
+            args.data_root or Path(cfg.data.root),
+            args.cache or Path(cfg.cache.root),
+            args.output or Path(cfg.train.output_dir),
+            resume=args.resume,
+            device=args.device,
+            progress=not args.no_progress,
+        )
     finally:
         cleanup_distributed()
     if is_primary():
-        print(f"trained {report['steps']} steps, val top-1 {report['val_top1']:.2f}%, "
-              f"{report['images_per_s']} images/s; model {report['model_dir']}")
+        print(
+            f"trained {report['steps']} steps, val top-1 {report['val_top1']:.2f}%, "
+            f"{report['images_per_s']} images/s; model {report['model_dir']}"
+        )
     return 0
 
 

@@ -14,11 +14,11 @@ from PIL import Image
 
 from dad_core.cli.main import main
 from dad_core.config import load_config
-from dad_core.data import read_classes
+from dad_core.data import open_split, read_classes
 from dad_core.io import sha256_file
 from dad_core.prepare import prepare_folder
 from dad_core.teacher import create_clip_teacher
-from dad_core.teacher_cache import load_teacher_cache, open_split
+from dad_core.teacher_cache import load_teacher_cache
 
 NUM_CLASSES = 12
 

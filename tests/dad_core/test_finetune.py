@@ -8,11 +8,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from dad_core.config import load_config
-from dad_core.data import create_eval_transform, read_classes
+from dad_core.data import create_eval_transform, open_split, read_classes
 from dad_core.distributed import set_seed
 from dad_core.finetune import accuracy, wise_interpolate
 from dad_core.teacher import create_clip_classifier, create_clip_teacher
-from dad_core.teacher_cache import open_split
 
 pytestmark = pytest.mark.slow
 

@@ -38,8 +38,15 @@ def dad_cache(digits_root, digits_teacher, tmp_path_factory):
     cfg = load_config(None, _overrides(digits_teacher))
     out = tmp_path_factory.mktemp("cache")
     teacher = create_clip_teacher(cfg.teacher.model_name, checkpoint=digits_teacher)
-    cache_teacher(cfg, digits_root, out, teacher, PoolDiscretizer(), progress=False,
-                  teacher_checkpoint_sha256=sha256_file(digits_teacher))
+    cache_teacher(
+        cfg,
+        digits_root,
+        out,
+        teacher,
+        PoolDiscretizer(),
+        progress=False,
+        teacher_checkpoint_sha256=sha256_file(digits_teacher),
+    )
     return out
 
 
@@ -79,11 +86,11 @@ def test_cached_and_online_give_the_same_loss(digits_root, digits_teacher, dad_c
 def test_kill_and_resume_ends_with_the_same_weights(digits_root, digits_teacher, dad_cache, tmp_path):
     cfg = load_config(None, _overrides(digits_teacher, "train.checkpoint_every=4", "train.epochs=2"))
     whole = fit(cfg, digits_root, dad_cache, tmp_path / "whole", progress=False, tracker=NullTracker())
-    killed = fit(cfg, digits_root, dad_cache, tmp_path / "killed", progress=False, tracker=NullTracker(),
-                 stop_after_steps=18)  # dies after step 18; the last checkpoint is from step 16
+    killed = fit(
+        cfg, digits_root, dad_cache, tmp_path / "killed", progress=False, tracker=NullTracker(), stop_after_steps=18
+    )  # dies after step 18; the last checkpoint is from step 16
     assert killed["stopped"] and not (tmp_path / "killed" / "model").exists()
-    resumed = fit(cfg, digits_root, dad_cache, tmp_path / "killed", progress=False, tracker=NullTracker(),
-                  resume=True)
+    resumed = fit(cfg, digits_root, dad_cache, tmp_path / "killed", progress=False, tracker=NullTracker(), resume=True)
     assert resumed["steps"] == whole["steps"]
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "killed")
     for key in a:
@@ -96,8 +103,15 @@ def test_ablations_train(digits_root, digits_teacher, tmp_path, mode):
 
     cfg = load_config(None, _overrides(digits_teacher, f"attack.mode={mode}", "cache.views=1"))
     teacher = create_clip_teacher(cfg.teacher.model_name, checkpoint=digits_teacher)
-    cache_teacher(cfg, digits_root, tmp_path / "cache", teacher, PoolDiscretizer(), progress=False,
-                  teacher_checkpoint_sha256=sha256_file(digits_teacher))
+    cache_teacher(
+        cfg,
+        digits_root,
+        tmp_path / "cache",
+        teacher,
+        PoolDiscretizer(),
+        progress=False,
+        teacher_checkpoint_sha256=sha256_file(digits_teacher),
+    )
     report = fit(cfg, digits_root, tmp_path / "cache", tmp_path / "run", progress=False, tracker=NullTracker())
     assert report["steps"] > 0 and ("kd_dad" in report["final"]) == (mode != "none")
     meta = json.loads((tmp_path / "run" / "model" / "meta.json").read_text())
@@ -113,9 +127,23 @@ def test_mismatched_cache_is_refused(digits_root, digits_teacher, dad_cache, tmp
 
 
 def test_torchrun_two_ranks_hold_identical_weights(digits_root, digits_teacher, dad_cache, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dad_core.cli.train", "--data-root", str(digits_root), "--cache", str(dad_cache),
-           "--output", str(tmp_path / "run"), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "dad_core.cli.train",
+        "--data-root",
+        str(digits_root),
+        "--cache",
+        str(dad_cache),
+        "--output",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
     cmd += [arg for o in _overrides(digits_teacher, "train.batch_size=48") for arg in ("-p", o)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
