@@ -283,6 +283,8 @@ def measure(
 ) -> dict[str, Any]:
     """Time ``step`` and return one result row; an error (out of memory, say) becomes the row's ``error``."""
     row: dict[str, Any] = {"name": name, **fields, "images_per_step": images_per_step}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         timing = time_fn(step, device, warmup=warmup, iters=iters)
     except Exception as err:  # report and go on: one failing row must not lose the others
@@ -302,7 +304,6 @@ def measure(
         row["compile_s"] = round(max(timing.first_s - timing.median_s, 0.0), 2)
     if device.type == "cuda":
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        torch.cuda.reset_peak_memory_stats(device)
     return row
 
 

@@ -12,8 +12,9 @@ the clean and the DAD image (DESIGN §3.3). Rows:
   autocast on a GPU, ``generate_dad_samples`` (whose ``VQGAN.reconstruct`` keeps fp32 and looks codes up in chunks),
   then the soft labels.
 * ``cache-shard``: the product's whole per-shard computation, ``teacher_cache._make_shard`` on an in-memory batch:
-  the above plus uint8 storage rounding, and the soft labels of R stored views of both images (cropped on the CPU).
-* ``product-compiled`` (``--compile``): ``product`` with ``torch.compile`` on the VQGAN encoder/decoder and teacher.
+  the above plus uint8 storage rounding, and the soft labels of R stored views of both images (cropped on the device).
+* ``product-compiled`` (``--compile``): ``product`` with ``torch.compile`` on the VQGAN encoder/decoder and teacher,
+  what ``cache.compile: true`` does (the other rows are ``cache.compile: false``).
 
 Agreement with ``naive-fp32`` on the same batch and random start: max/mean abs difference of the DAD images, and
 the fraction of VQ codes that agree for ``VQ(x)`` and for the final ``VQ(x_adv)`` (near-ties may differ).

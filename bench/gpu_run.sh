@@ -66,8 +66,11 @@ print("python", platform.python_version(), "| torch", torch.__version__, "| cuda
       "| cudnn", torch.backends.cudnn.version())
 print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NONE")
 for name in ("timm", "open_clip", "diffusers", "numpy"):
-    module = __import__(name)
-    print(name, module.__version__, module.__file__)
+    try:
+        module = __import__(name)
+        print(name, module.__version__, module.__file__)
+    except Exception as err:  # keep going: run_all records which benchmark fails and why
+        print(name, "IMPORT FAILED:", type(err).__name__, err)
 EOF
 
 flags=(--full --compile)

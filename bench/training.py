@@ -11,8 +11,8 @@ does, and includes backward and the AdamW update. Rows, per student:
 * ``cached-compiled`` (``--compile``): ``cached`` with the student under ``torch.compile`` (``train.compile``).
 
 The product rows use the product's own choices (``dad_core.train``): bf16 autocast and channels_last (model and
-batch) on a GPU, timm's AdamW (``foreach`` on a GPU), loss terms read back to the host each step. Throughput is in
-clean images/s (B per step, DESIGN §6's unit); ``student_images_per_s`` counts the 2B images.
+batch) on a GPU, its optimizer (timm's AdamW, fused on a GPU), loss terms read back to the host each step.
+Throughput is in clean images/s (B per step, DESIGN §6's unit); ``student_images_per_s`` counts the 2B images.
 
     python bench/training.py                          # CPU, resnet10t student, tiny teacher, seconds
     python bench/training.py --full --json train.json # GPU: vit_base_patch16_224 and resnet50, ViT-L-14, B = 128
@@ -62,9 +62,7 @@ def _batch(
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def _product_student(
-    name: str, num_classes: int, size: int, device: torch.device, channels_last: bool, seed: int
-) -> nn.Module:
+def _student(name: str, num_classes: int, size: int, device: torch.device, channels_last: bool, seed: int) -> nn.Module:
     from dad_core.student import create_student
 
     torch.manual_seed(seed)
@@ -72,12 +70,17 @@ def _product_student(
     return student.to(memory_format=torch.channels_last) if channels_last else student
 
 
-def _optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """timm's AdamW with the product's defaults (``dad_core.train._build_optimization``)."""
+def _optimizer(model: nn.Module, device: torch.device, *, product: bool) -> torch.optim.Optimizer:
+    """The product's optimizer (``dad_core.train._build_optimization``: timm AdamW, fused on a GPU), or for the
+    reference design timm's AdamW with torch's defaults."""
     from timm.optim import create_optimizer_v2
 
-    kwargs = {"foreach": True} if device.type == "cuda" else {}
-    return create_optimizer_v2(model, opt="adamw", lr=2e-3, weight_decay=0.05, **kwargs)
+    from dad_core.config import load_config
+    from dad_core.train import _build_optimization  # private: the benchmark uses the product's own choice
+
+    if product:
+        return _build_optimization(load_config(None), model, 1, device)[0]
+    return create_optimizer_v2(model, opt="adamw", lr=2e-3, weight_decay=0.05)
 
 
 def _step_fn(
@@ -134,9 +137,9 @@ def _row(
     on_gpu = device.type == "cuda"
     product = kind != "reference"
     channels_last = on_gpu and product
-    student = _product_student(name, shape["num_classes"], shape["image_size"], device, channels_last, args.seed)
+    student = _student(name, shape["num_classes"], shape["image_size"], device, channels_last, args.seed)
     student.train()
-    optimizer = _optimizer(student, device)
+    optimizer = _optimizer(student, device, product=product)
     trained = torch.compile(student) if kind == "cached-compiled" else student
     if kind == "plain":
         forward = _plain_forward(trained)

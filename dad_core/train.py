@@ -188,7 +188,9 @@ def fit(
     data_root, output_dir = Path(data_root), Path(output_dir)
     set_seed(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
     classes = read_classes(data_root / "classes.txt")
-    cache = load_teacher_cache(cache_dir, num_classes=len(classes), expected=_expected_deps(cfg, data_root))
+    # Rank 0 checks every shard's checksum (one read of the cache); the other ranks only check the manifest.
+    cache = load_teacher_cache(cache_dir, num_classes=len(classes), expected=_expected_deps(cfg, data_root),
+                               verify=is_primary())
     online = cfg.train.teacher_mode == "online"
     dataset = DADPairs(
         cache,
