@@ -351,18 +351,25 @@ def finalize_cache(root: str | Path, *, total_shards: int, num_samples: int) -> 
         "shards": {f"shard-{s['shard']:05d}": s for s in sidecars},
     }
     atomic_write_json(root / "manifest.json", manifest)
-    _write_sample_grid(root)
+    _write_sample_grid(root, total_shards)
     return manifest
 
 
-def _write_sample_grid(root: Path, n: int = 16) -> None:
+def _write_sample_grid(root: Path, total_shards: int, n: int = 16) -> None:
+    """Clean images (top row) over their DAD samples (bottom row), spread over the whole cache (shards follow
+    class order, so the first shard alone would show one class)."""
+    from PIL import Image
     from torchvision.utils import make_grid
 
-    shard = torch.load(_shard_paths(root, 0)[0], map_location="cpu", weights_only=True)
-    n = min(n, len(shard["labels"]))
-    grid = make_grid(torch.cat([shard["clean"][:n], shard["dad"][:n]]), nrow=n, padding=2, pad_value=128)
-    from PIL import Image
-
+    clean, dad = [], []
+    for shard_id in sorted({round(i * (total_shards - 1) / max(n - 1, 1)) for i in range(n)}):
+        shard = torch.load(_shard_paths(root, shard_id)[0], map_location="cpu", weights_only=True, mmap=True)
+        per_shard = max(1, n // total_shards)
+        picks = torch.linspace(0, len(shard["labels"]) - 1, per_shard).long()
+        clean.append(shard["clean"][picks])
+        dad.append(shard["dad"][picks])
+    clean, dad = torch.cat(clean)[:n], torch.cat(dad)[:n]
+    grid = make_grid(torch.cat([clean, dad]), nrow=len(clean), padding=2, pad_value=128)
     atomic_path(root / "samples.png", lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, "PNG"))
 
 

@@ -189,8 +189,9 @@ def fit(
     set_seed(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
     classes = read_classes(data_root / "classes.txt")
     # Rank 0 checks every shard's checksum (one read of the cache); the other ranks only check the manifest.
-    cache = load_teacher_cache(cache_dir, num_classes=len(classes), expected=_expected_deps(cfg, data_root),
-                               verify=is_primary())
+    cache = load_teacher_cache(
+        cache_dir, num_classes=len(classes), expected=_expected_deps(cfg, data_root), verify=is_primary()
+    )
     online = cfg.train.teacher_mode == "online"
     dataset = DADPairs(
         cache,

@@ -202,7 +202,9 @@ def test_local_backend_runs_every_rank_under_torchrun(tmp_path, monkeypatch):
     ranks = sorted(json.loads(p.read_text())["rank"] for p in tmp_path.glob("rank*.json"))
     assert ranks == [0, 1]
     assert all(json.loads(p.read_text())["world_size"] == 2 for p in tmp_path.glob("rank*.json"))
-    assert {"probe: rank 0 of 2 starting", "probe: rank 1 of 2 starting"} <= set(lines)
+    # The ranks share one pipe with torchrun's own banner, so a line may carry another process's text too.
+    text = "\n".join(lines)
+    assert "probe: rank 0 of 2 starting" in text and "probe: rank 1 of 2 starting" in text
     assert result.backend == "local"
     assert result.log_tail
 
