@@ -24,7 +24,9 @@ install: $(VENV)/.installed  ## create .venv from the lock file (torch 2.14.1, t
 run: install  ## the main job: the whole pipeline on the embedded defaults, locally
 	$(PY) pipelines/dad_pipeline.py --local
 
-test: install  ## every test tier that needs no GPU (unit, slow, integration)
+test: install  ## lint, then every test tier that needs no GPU (unit, slow, integration)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -m "not gpu"
 
 test-fast: install  ## unit tests only
