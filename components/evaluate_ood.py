@@ -14,6 +14,7 @@ def evaluate_ood(
     evaluation: Output[Artifact],
     report: Output[Markdown],
     metrics: Output[Metrics],
+    mlflow_tracking_uri: str = "",
 ) -> float:
     """Run ``dad evaluate`` on the student's final checkpoint; returns the mean OOD top-1.
 
@@ -24,6 +25,7 @@ def evaluate_ood(
         evaluation: ``eval_report.json``, ``eval_report.md``, ``accuracy.png`` and ``config.yaml``.
         report: the Markdown report, rendered by the Kubeflow UI.
         metrics: every numeric top-level value of the report (``clean_top1``, ``ood_mean_top1``, ...).
+        mlflow_tracking_uri: the metrics and report also go into the MLflow run that trained the student.
     """
     import json
     import shutil
@@ -31,7 +33,8 @@ def evaluate_ood(
 
     from dad_core.cli import evaluate as cli
 
-    overrides = [arg for item in [*params, f"data.root={dataset.path}"] for arg in ("-p", item)]
+    tracking = [f"tracking.uri={mlflow_tracking_uri}"] if mlflow_tracking_uri else []
+    overrides = [arg for item in [*params, f"data.root={dataset.path}", *tracking] for arg in ("-p", item)]
     code = cli.main(["--checkpoint", str(Path(student.path) / "model"), "--output", evaluation.path, *overrides])
     if code != 0:
         raise RuntimeError(f"dad evaluate failed with exit code {code}; its message is in the log above")

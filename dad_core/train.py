@@ -221,6 +221,7 @@ def fit(
         tracker = create_tracker(
             cfg.tracking, primary=is_primary(), run_name=output_dir.name, tags=_lineage(cfg, data_root, cache_dir)
         )
+    run.meta["mlflow_run_id"] = tracker.run_id  # evaluation logs its metrics into the same run
     checkpoint_dir = output_dir / "checkpoint"
     if resume and (checkpoint_dir / "state.pt").is_file():
         run.load(checkpoint_dir)

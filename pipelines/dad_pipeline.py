@@ -209,7 +209,7 @@ def dad_pipeline(
         reimport=False,
     ).set_display_name("import-student")
 
-    evaluation = gpu_step(evaluate_ood, student=student.output)
+    evaluation = gpu_step(evaluate_ood, student=student.output, mlflow_tracking_uri=mlflow_tracking_uri)
     registered = _client_pod(
         register_model(
             student=student.output,

@@ -48,10 +48,24 @@ def _run(argv: list[str] | None) -> int:
         output = Path(cfg.eval.output_dir)
         paths = save_report(report, output)
         save_config(cfg, output / "config.yaml")
+        _log_to_training_run(cfg, args.checkpoint, report, paths)
         clean, ood = report["clean_top1"], report["ood_mean_top1"]
         _logger.info("clean top-1 %s, OOD mean top-1 %s; report in %s", clean, ood, paths["json"])
     cleanup_distributed()
     return 0
+
+
+def _log_to_training_run(cfg, checkpoint: Path, report: dict, paths: dict) -> None:
+    """Metrics and report files into the MLflow run that trained the checkpoint (a new run if none is known)."""
+    from dad_core.evaluate import flatten_metrics
+    from dad_core.tracking import create_tracker
+
+    meta = checkpoint / "meta.json"
+    run_id = json.loads(meta.read_text()).get("mlflow_run_id") if meta.is_file() else None
+    with create_tracker(cfg.tracking, primary=True, run_name=None if run_id else "evaluate", run_id=run_id) as tracker:
+        tracker.log_metrics({f"eval/{k}": v for k, v in flatten_metrics(report).items()})
+        for path in paths.values():
+            tracker.log_artifact(Path(path), artifact_path="evaluation")
 
 
 def main(argv: list[str] | None = None) -> int:

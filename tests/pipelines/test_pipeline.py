@@ -334,6 +334,8 @@ def test_local_run_trains_evaluates_and_registers(tmp_path, mlflow_sqlite_uri):
     training = runs["student"]
     assert training.info.status == "FINISHED"
     assert training.data.params["train.epochs"] == "1" and "val_top1" in training.data.metrics
+    assert training.data.metrics["eval/ood_mean_top1"] == pytest.approx(report["ood_mean_top1"])
+    assert {"dad.dataset_hash", "dad.cache_hash", "dad.teacher", "dad.git_sha"} <= set(training.data.tags)
     assert {"config.yaml", "report.json", "model"} <= {a.path for a in client.list_artifacts(training.info.run_id)}
     version = client.get_model_version_by_alias("dad-student", "champion")
     assert set(version.aliases) == {"challenger", "champion"} and str(version.version) == "1"
