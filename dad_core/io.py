@@ -19,6 +19,7 @@ __all__ = [
     "atomic_write_text",
     "save_torch",
     "sha256_file",
+    "sha256_if_file",
 ]
 
 
@@ -111,3 +112,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_if_file(path: str | Path | None) -> str | None:
+    """Hex SHA-256 of a local file, or None for no path, a remote URI or a missing file (nothing to check here)."""
+    return sha256_file(Path(path)) if path and Path(path).is_file() else None

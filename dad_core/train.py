@@ -26,7 +26,7 @@ from dad_core.checkpoint import load_checkpoint, save_checkpoint
 from dad_core.config import DADConfig, config_hash, config_to_dict, save_config
 from dad_core.data import read_classes
 from dad_core.distributed import barrier, init_distributed, is_primary, set_seed
-from dad_core.io import atomic_write_json, sha256_file
+from dad_core.io import atomic_write_json, sha256_if_file
 from dad_core.student import create_student, unwrap_model
 from dad_core.task import DADTask
 from dad_core.teacher_cache import cache_dependencies, dataset_hash, load_teacher_cache
@@ -47,18 +47,11 @@ class TrainState:
 
 def _expected_deps(cfg: DADConfig, data_root: Path) -> dict[str, Any]:
     """What the cache must have been made from, as far as the training config can tell."""
-    teacher_sha = (
-        sha256_file(Path(cfg.teacher.checkpoint))
-        if cfg.teacher.checkpoint and Path(cfg.teacher.checkpoint).is_file()
-        else None
-    )
-    vqgan_sha = (
-        sha256_file(Path(cfg.vqgan.checkpoint))
-        if cfg.vqgan.checkpoint and Path(cfg.vqgan.checkpoint).is_file()
-        else None
-    )
     deps = cache_dependencies(
-        cfg, dataset=dataset_hash(data_root), teacher_checkpoint_sha256=teacher_sha, vqgan_checkpoint_sha256=vqgan_sha
+        cfg,
+        dataset=dataset_hash(data_root),
+        teacher_checkpoint_sha256=sha256_if_file(cfg.teacher.checkpoint),
+        vqgan_checkpoint_sha256=sha256_if_file(cfg.vqgan.checkpoint),
     )
     for key in ("package_version", "shard_size", "batch_size"):  # how the cache was made, not what it holds
         deps.pop(key)
@@ -386,10 +379,9 @@ def _save(run: _Run, directory: Path) -> None:
 def _lineage(cfg: DADConfig, data_root: Path, cache_dir: str | Path) -> dict[str, str]:
     from dad_core.tracking import lineage_tags
 
-    manifest = Path(cache_dir) / "manifest.json"
     return lineage_tags(
         dataset_hash=dataset_hash(data_root),
-        cache_hash=sha256_file(manifest) if manifest.is_file() else None,
+        cache_hash=sha256_if_file(Path(cache_dir) / "manifest.json"),
         teacher=f"{cfg.teacher.model_name}:{cfg.teacher.pretrained or cfg.teacher.checkpoint}",
     )
 

@@ -40,7 +40,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _body(argv: list[str] | None) -> int:
     from dad_core.attack import IdentityDiscretizer
     from dad_core.data import read_classes
-    from dad_core.io import sha256_file
+    from dad_core.io import sha256_if_file
     from dad_core.teacher import create_clip_teacher
     from dad_core.teacher_cache import cache_teacher
     from dad_core.vqgan import VQGAN
@@ -63,7 +63,6 @@ def _body(argv: list[str] | None) -> int:
     vqgan = IdentityDiscretizer()
     if v.checkpoint:
         vqgan = VQGAN.from_checkpoint(v.checkpoint, config=v.config).to(device).eval()
-    local = lambda p: sha256_file(Path(p)) if p and Path(p).is_file() else None  # noqa: E731
     report = cache_teacher(
         cfg,
         data_root,
@@ -73,8 +72,8 @@ def _body(argv: list[str] | None) -> int:
         shard_index=args.shard_index,
         num_shards=args.num_shards,
         device=device,
-        teacher_checkpoint_sha256=local(t.checkpoint),
-        vqgan_checkpoint_sha256=local(v.checkpoint),
+        teacher_checkpoint_sha256=sha256_if_file(t.checkpoint),
+        vqgan_checkpoint_sha256=sha256_if_file(v.checkpoint),
         progress=not args.no_progress,
     )
     path = write_report(report, args.report or output / f"report-{args.shard_index}.json")
