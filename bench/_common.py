@@ -197,6 +197,17 @@ def fp32_precision(mode: str | None) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_legacy
 
 
+@contextlib.contextmanager
+def vqgan_precision(vqgan: nn.Module, precision: str | None) -> Iterator[None]:
+    """Set ``vqgan.precision`` (``dad_core.vqgan.VQGAN``) for the block; None leaves it as it is."""
+    before = vqgan.precision
+    vqgan.precision = precision or before
+    try:
+        yield
+    finally:
+        vqgan.precision = before
+
+
 def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__

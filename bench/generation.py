@@ -9,12 +9,15 @@ the clean and the DAD image (DESIGN §3.3). Rows:
 * ``naive-bf16``: the same code under bf16 autocast, the "naive DAD generation step" of DESIGN §6 (96 img/s on an
   H200). Its VQGAN runs in bf16, which the product deliberately does not do.
 * ``product``: what ``dad_core`` runs when it caches (``teacher_cache._make_shard``): channels_last input, bf16
-  autocast on a GPU, ``generate_dad_samples`` (whose ``VQGAN.reconstruct`` keeps fp32 and looks codes up in chunks),
-  then the soft labels.
+  autocast on a GPU, ``generate_dad_samples`` (whose ``VQGAN.reconstruct`` keeps fp32 with the default
+  ``vqgan.precision: fp32`` and looks codes up in chunks), then the soft labels.
+* ``product-bf16-decoder``, ``product-bf16``: the same with ``vqgan.precision`` ``bf16-decoder`` (same codes, the
+  decoder in bf16) or ``bf16`` (encoder and decoder in bf16); on a CPU (no autocast) they run what ``product`` runs.
 * ``cache-shard``: the product's whole per-shard computation, ``teacher_cache._make_shard`` on an in-memory batch:
   the above plus uint8 storage rounding, and the soft labels of R stored views of both images (cropped on the device).
-* ``product-compiled`` (``--compile``): ``product`` with ``torch.compile`` on the VQGAN encoder/decoder and teacher,
-  what ``cache.compile: true`` does (the other rows are ``cache.compile: false``).
+* ``product-compiled``, ``product-bf16-decoder-compiled``, ``product-bf16-compiled`` (``--compile``): the product
+  rows with ``torch.compile`` on the VQGAN encoder/decoder and teacher, what ``cache.compile: true`` does (the other
+  rows are ``cache.compile: false``).
 
 Agreement with ``naive-fp32`` on the same batch and random start: max/mean abs difference of the DAD images, and
 the fraction of VQ codes that agree for ``VQ(x)`` and for the final ``VQ(x_adv)`` (near-ties may differ).
@@ -43,8 +46,10 @@ if __package__ in (None, ""):  # run as a file (python bench/generation.py): mak
 
 from bench import _common as common  # noqa: E402
 
-ROWS = ("naive-fp32", "naive-bf16", "product", "cache-shard", "product-compiled")
-DEFAULT_ROWS = ("naive-fp32", "naive-bf16", "product", "cache-shard")
+# product rows and the vqgan.precision they run with
+PRODUCT_PRECISION = {"product": "fp32", "product-bf16-decoder": "bf16-decoder", "product-bf16": "bf16"}
+DEFAULT_ROWS = ("naive-fp32", "naive-bf16", *PRODUCT_PRECISION, "cache-shard")
+ROWS = (*DEFAULT_ROWS, *(f"{name}-compiled" for name in PRODUCT_PRECISION))
 BASELINE = "naive-fp32"
 TARGET = 2.5  # DESIGN §6: DAD sample generation at least 2.5x the naive step on the same GPU
 TINY = dict(teacher="dad-tiny-clip", num_classes=10, vqgan="tiny-f4", image_size=32, batch_size=16, views=2)
@@ -274,8 +279,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     on_gpu = device.type == "cuda"
     ref_precision = args.reference_precision if on_gpu else None
-    product_dtype = "bf16 autocast (VQGAN fp32)" if on_gpu else "fp32"
     dtypes = {"naive-fp32": f"fp32 ({ref_precision or 'cpu'})", "naive-bf16": "bf16 autocast (VQGAN too)"}
+    for product, precision in PRODUCT_PRECISION.items():
+        dtypes[product] = dtypes[f"{product}-compiled"] = f"bf16 autocast, VQGAN {precision}" if on_gpu else "fp32"
+    dtypes["cache-shard"] = dtypes["product"]
     rows, outputs = [], {}
     for name in common.selected_rows(args, ROWS, DEFAULT_ROWS):
         with contextlib.ExitStack() as stack:
@@ -286,7 +293,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 step = _bf16(seeded(naive_step, teacher), device.type)
             elif name == "cache-shard":
                 step = _shard_step(teacher, vqgan, images, labels, cfg, device)
-            else:  # product, product-compiled
+            else:  # product rows, with the vqgan.precision they name, compiled or not
+                stack.enter_context(common.vqgan_precision(vqgan, PRODUCT_PRECISION[name.removesuffix("-compiled")]))
                 step = seeded(
                     product_step, stack.enter_context(compiled(teacher, vqgan)) if "compiled" in name else teacher
                 )
@@ -299,7 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     iters=args.iters,
                     images_per_step=batch,
                     batch_size=batch,
-                    dtype=dtypes.get(name, product_dtype),
+                    dtype=dtypes[name],
                     channels_last=on_gpu and name.startswith(("product", "cache")),
                     compile=name.endswith("-compiled"),
                 )
@@ -336,7 +344,7 @@ def baseline_of(name: str) -> str:
 def ratios(rows: list[dict[str, Any]], on_gpu: bool) -> list[dict[str, Any]]:
     """The named ratios of the rows present, with DESIGN §6's target where one applies."""
     out = []
-    for name in ("product", "product-compiled", "cache-shard"):
+    for name in (*PRODUCT_PRECISION, *(f"{p}-compiled" for p in PRODUCT_PRECISION), "cache-shard"):
         if any(r["name"] == name for r in rows):
             target = TARGET if name != "cache-shard" else None
             out.append(common.ratio_entry(rows, name, "naive-fp32", target, "baseline of the brief: fp32"))

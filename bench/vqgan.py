@@ -4,15 +4,14 @@ Rows:
 
 * ``reference``: eager fp32 (IEEE unless ``--reference-precision tf32``), NCHW, the full ``[N, K]`` distance matrix
   (``bench.generation.naive_reconstruct``, taming's ``VectorQuantizer``).
-* ``product``: ``VQGAN.reconstruct`` called as the cache calls it: channels_last input inside a bf16 autocast
-  region on a GPU. ``reconstruct`` switches autocast off and runs the network in fp32 (its docstring: bf16 latents
-  flip near-tie codes), with the codebook distance in fp32 chunks (``nearest_code_indices``); fp32 convolutions
-  follow torch's defaults (TF32 on Ampere and later).
-* ``bf16-decoder``: the encoder and the code choice in fp32 as in the product, only the decoder (two thirds of the
-  f8 FLOPs, and no influence on which codes a round trip picks) under bf16 autocast. Not what the product runs.
-* ``bf16``: encoder and decoder under bf16 autocast with channels_last, codebook distance still fp32 (``quantize``
-  runs ``nearest_code_indices`` with autocast off). Not what the product runs: it shows the speed the fp32 choice
-  costs, and the agreement columns show what bf16 would change.
+* ``product``: ``VQGAN.reconstruct`` called as the cache calls it with the default ``vqgan.precision: fp32``:
+  channels_last input inside a bf16 autocast region on a GPU; ``reconstruct`` switches autocast off and runs the
+  network in fp32 (bf16 latents flip near-tie codes), with the codebook distance in fp32 chunks
+  (``nearest_code_indices``); fp32 convolutions follow torch's defaults (TF32 on Ampere and later).
+* ``bf16-decoder``: ``vqgan.precision: bf16-decoder``: the encoder and the code choice in fp32, only the decoder (two
+  thirds of the f8 FLOPs, and no influence on which codes a round trip picks) in bf16.
+* ``bf16``: ``vqgan.precision: bf16``: encoder and decoder in bf16, codebook distance still fp32. The agreement
+  columns show what it changes.
 * ``product-compiled``, ``bf16-compiled`` (``--compile``): the same with ``torch.compile`` on encoder and decoder.
 
 Agreement with ``reference``: max/mean abs pixel difference and the fraction of codes that agree.
@@ -56,27 +55,17 @@ def product_reconstruct(vqgan: nn.Module, images: Tensor) -> tuple[Tensor, Tenso
         return vqgan.reconstruct(images), None
 
 
-@torch.no_grad()
-def bf16_reconstruct(vqgan: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
-    """Encoder/decoder in bf16 autocast, channels_last on a GPU; ``quantize`` keeps the distances in fp32."""
-    if images.device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(images.device.type, dtype=torch.bfloat16):
-        codes, indices = vqgan.quantize(vqgan.encode(images * 2 - 1))
-        out = vqgan.decode(codes)
-    return ((out.float().clamp(-1, 1) + 1) / 2), indices
+def precision_reconstruct(precision: str):
+    """The product's call with ``vqgan.precision`` set, under bf16 autocast on every device (so a CPU shows the
+    numerical effect too; the cache itself enables autocast on GPUs only)."""
 
+    def reconstruct(vqgan: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        if images.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with common.vqgan_precision(vqgan, precision), torch.autocast(images.device.type, dtype=torch.bfloat16):
+            return vqgan.reconstruct(images), None
 
-@torch.no_grad()
-def bf16_decoder_reconstruct(vqgan: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
-    """Encoder and code choice in fp32 (as the product), only the decoder (2/3 of the f8 FLOPs) in bf16 autocast."""
-    if images.device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(images.device.type, enabled=False):
-        codes, indices = vqgan.quantize(vqgan.encode(images * 2 - 1))
-    with torch.autocast(images.device.type, dtype=torch.bfloat16):
-        out = vqgan.decode(codes)
-    return ((out.float().clamp(-1, 1) + 1) / 2), indices
+    return reconstruct
 
 
 @contextlib.contextmanager
@@ -119,7 +108,7 @@ def ratios(rows: list[dict[str, Any]], on_gpu: bool) -> list[dict[str, Any]]:
     out = [common.ratio_entry(rows, name, BASELINE) for name in ROWS if name in names and name != BASELINE]
     for fast, slow in (("bf16-decoder", "product"), ("bf16", "product"), ("bf16-compiled", "product-compiled")):
         if fast in names and slow in names:
-            out.append(common.ratio_entry(rows, fast, slow, note="what fp32 in reconstruct costs"))
+            out.append(common.ratio_entry(rows, fast, slow, note="speed-up of vqgan.precision"))
     return out
 
 
@@ -141,14 +130,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     functions = {
         "reference": naive_reconstruct,
         "product": product_reconstruct,
-        "bf16-decoder": bf16_decoder_reconstruct,
-        "bf16": bf16_reconstruct,
+        "bf16-decoder": precision_reconstruct("bf16-decoder"),
+        "bf16": precision_reconstruct("bf16"),
     }
     dtypes = {
         "reference": f"fp32 ({args.reference_precision if on_gpu else 'cpu'})",
-        "product": "fp32 (autocast off inside)",
-        "bf16-decoder": "fp32 encoder, bf16 decoder",
-        "bf16": "bf16 autocast, fp32 codebook",
+        "product": "fp32 (vqgan.precision fp32)",
+        "bf16-decoder": "vqgan.precision bf16-decoder",
+        "bf16": "vqgan.precision bf16",
     }
     rows, outputs = [], {}
     for name in wanted:

@@ -81,7 +81,11 @@ def cache_dependencies(
             "templates": cfg.teacher.templates,
             "checkpoint_sha256": teacher_checkpoint_sha256,
         },
-        "vqgan": {"config": cfg.vqgan.config, "checkpoint_sha256": vqgan_checkpoint_sha256},
+        "vqgan": {
+            "config": cfg.vqgan.config,
+            "checkpoint_sha256": vqgan_checkpoint_sha256,
+            "precision": cfg.vqgan.precision,  # bf16 modes move DAD pixels (and, for bf16, near-tie codes) on GPUs
+        },
         "attack": config_to_dict(cfg.attack),
         "dataset_hash": dataset,
         "transform": {"kind": "resize+center-crop", "image_size": cfg.data.image_size},

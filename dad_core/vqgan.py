@@ -24,13 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dad_core.config import ConfigError
+from dad_core.config import VQGAN_PRECISIONS, ConfigError
 from dad_core.errors import DADError
 from dad_core.io import atomic_path, save_torch, sha256_file
 
 __all__ = [
     "VQGAN",
     "VQGAN_CONFIGS",
+    "VQGAN_PRECISIONS",
     "CheckpointError",
     "from_taming_state_dict",
     "nearest_code_indices",
@@ -260,14 +261,16 @@ class VQGAN(nn.Module):
 
     Attributes:
         config: the resolved architecture dict (taming ``ddconfig`` keys plus ``n_embed``/``embed_dim``).
+        precision: one of :data:`VQGAN_PRECISIONS`, how :meth:`reconstruct` runs inside bf16 autocast.
         config_name: the named config this architecture is (also when given as a dict), or ``None``.
         checkpoint_path: the file it was loaded from, or ``None``.
         checkpoint_hash: SHA-256 of that file, or ``None``; for manifests.
     """
 
-    def __init__(self, config: str | dict[str, Any] = "tiny-f4") -> None:
+    def __init__(self, config: str | dict[str, Any] = "tiny-f4", *, precision: str = "fp32") -> None:
         super().__init__()
         self.config = resolve_vqgan_config(config)
+        self.precision = precision
         named = (name for name, arch in VQGAN_CONFIGS.items() if arch == self.config)
         self.config_name = config if isinstance(config, str) else next(named, None)
         self.checkpoint_path: str | None = None
@@ -279,14 +282,29 @@ class VQGAN(nn.Module):
         nn.init.uniform_(self.codebook.weight, -1.0 / cfg["n_embed"], 1.0 / cfg["n_embed"])  # taming's init
         self.post_quant_conv = nn.Conv2d(cfg["embed_dim"], cfg["z_channels"], 1)
 
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        if value not in VQGAN_PRECISIONS:
+            raise ConfigError(f"vqgan.precision: must be one of {', '.join(VQGAN_PRECISIONS)}, got {value!r}")
+        self._precision = value
+
     @classmethod
-    def from_config(cls, config: str | dict[str, Any]) -> VQGAN:
+    def from_config(cls, config: str | dict[str, Any], *, precision: str = "fp32") -> VQGAN:
         """A randomly initialized VQGAN of a named (:data:`VQGAN_CONFIGS`) or explicit architecture."""
-        return cls(config)
+        return cls(config, precision=precision)
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, config: str | dict[str, Any] | None = None, *, weights_only: bool = True
+        cls,
+        path: str | Path,
+        config: str | dict[str, Any] | None = None,
+        *,
+        weights_only: bool = True,
+        precision: str = "fp32",
     ) -> VQGAN:
         """Load a taming / latent-diffusion / our own checkpoint.
 
@@ -299,6 +317,7 @@ class VQGAN(nn.Module):
                 else ``"f8-16384"`` (the reference's VQGAN).
             weights_only: unpickle with ``torch.load(weights_only=True)``; set False only for trusted files that
                 hold other Python objects (some Lightning checkpoints do).
+            precision: see :attr:`precision`.
 
         Returns:
             The model in eval mode on the CPU, with ``checkpoint_path``/``checkpoint_hash`` set.
@@ -311,7 +330,7 @@ class VQGAN(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
         state, stored_config = _read_checkpoint(path, weights_only=weights_only)
-        model = cls(config if config is not None else stored_config or _DEFAULT_CHECKPOINT_CONFIG)
+        model = cls(config if config is not None else stored_config or _DEFAULT_CHECKPOINT_CONFIG, precision=precision)
         model.load_state_dict(
             from_taming_state_dict(
                 state,
@@ -395,14 +414,18 @@ class VQGAN(nn.Module):
     def reconstruct(self, images: Tensor) -> Tensor:
         """The discretizer: ``x -> 2x-1 -> encode -> nearest code -> decode -> clamp(-1, 1) -> (x+1)/2`` (DESIGN 3.2).
 
-        Runs in the model's dtype (fp32) even inside an autocast region: the output is a choice among codes, and
-        bf16 latents flip near-tie choices (on an H200, f8-16384 at 224 px under bf16 autocast moved pixels by up to
-        0.14 versus fp32, for a 20% speed-up). Every operation is per sample (GroupNorm, attention within an image),
-        so a batch gives the same result as its images one by one, up to the rounding of the convolution algorithm
-        picked for each batch size, which can flip a rare near-tie code on GPUs. PyTorch's default TF32 convolutions
-        (Ampere and later) changed 2.5% of f8 code choices versus the CPU; with
-        ``torch.backends.cudnn.conv.fp32_precision = "ieee"`` set at program start they all matched (3.6x slower).
-        No gradient flows through it.
+        Outside a bf16 autocast region it runs in the model's dtype. Inside one, :attr:`precision` decides:
+        ``fp32`` (the default) switches autocast off, because the output is a choice among codes and bf16 latents
+        flip near-tie choices (on an H200, f8-16384 at 224 px under bf16 autocast moved pixels by up to 0.14 versus
+        fp32); ``bf16-decoder`` keeps the encoder and the code choice in fp32 and runs only the decoder in bf16,
+        which cannot change a code; ``bf16`` runs the encoder too in bf16 (codes may differ on near-ties). The
+        codebook distances are fp32 in every mode (:func:`nearest_code_indices`).
+
+        Every operation is per sample (GroupNorm, attention within an image), so a batch gives the same result as
+        its images one by one, up to the rounding of the convolution algorithm picked for each batch size, which
+        can flip a rare near-tie code on GPUs. PyTorch's default TF32 convolutions (Ampere and later) changed 2.5%
+        of f8 code choices versus the CPU; with ``torch.backends.cudnn.conv.fp32_precision = "ieee"`` set at
+        program start they all matched (3.6x slower). No gradient flows through it.
 
         Args:
             images: ``[B, 3, H, W]`` in ``[0, 1]``.
@@ -410,10 +433,19 @@ class VQGAN(nn.Module):
         Returns:
             ``[B, 3, H, W]`` in ``[0, 1]``, in the dtype of ``images``.
         """
+        device_type = images.device.type
+        in_bf16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+        bf16_encoder = in_bf16 and self.precision == "bf16"
+        bf16_decoder = in_bf16 and self.precision != "fp32"
         dtype = next(self.parameters()).dtype
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            codes, _ = self.quantize(self.encode(images.to(dtype) * 2 - 1))
-            return ((self.decode(codes).clamp(-1, 1) + 1) / 2).to(images.dtype)
+        with torch.autocast(device_type, enabled=False):
+            x = images.to(dtype) * 2 - 1
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16_encoder):
+                z = self.encode(x)
+            codes, _ = self.quantize(z.to(dtype))
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16_decoder):
+                out = self.decode(codes)
+            return ((out.to(dtype).clamp(-1, 1) + 1) / 2).to(images.dtype)
 
     def forward(self, images: Tensor) -> Tensor:
         """Same as :meth:`reconstruct`, so a VQGAN can be passed wherever a discretizer callable is expected."""

@@ -62,7 +62,7 @@ def _body(argv: list[str] | None) -> int:
     )
     vqgan = IdentityDiscretizer()
     if v.checkpoint:
-        vqgan = VQGAN.from_checkpoint(v.checkpoint, config=v.config).to(device).eval()
+        vqgan = VQGAN.from_checkpoint(v.checkpoint, config=v.config, precision=v.precision).to(device).eval()
     report = cache_teacher(
         cfg,
         data_root,

@@ -155,6 +155,7 @@ def test_unknown_key_in_a_file_is_named():
         ("loss.temperature=0", "loss.temperature"),
         (f"{CROP}=[0.9,0.5]", CROP),
         ("vqgan.train.epochs=0", "vqgan.train.epochs"),
+        ("vqgan.precision=fp16", "vqgan.precision"),
         ("data.image_size=4", "data.image_size"),
         ("eval.crop_pct=1.5", "eval.crop_pct"),
     ],

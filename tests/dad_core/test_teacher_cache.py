@@ -356,6 +356,7 @@ def test_load_refuses_a_cache_made_from_other_inputs(numbered_root, numbered_cac
         (expected(teacher_sha="cd" * 32), r"teacher differs in \['checkpoint_sha256'\]"),
         (expected(dataset="0" * 64), "dataset_hash"),
         (expected("cache.views=3"), r"views differs in \['views'\]"),
+        (expected("vqgan.precision=bf16"), r"vqgan differs in \['precision'\]"),  # bf16 moves DAD pixels
     ]
     for want, message in cases:
         with pytest.raises(CacheMismatchError, match=message):

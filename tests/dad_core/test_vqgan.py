@@ -402,3 +402,82 @@ def test_reconstruct_ignores_autocast(small_model):
     expected = small_model.reconstruct(images)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(small_model.reconstruct(images), expected)  # bf16 would flip near-tie codes
+
+
+# --- vqgan.precision: the bf16 modes and their stated tolerances (docs/benchmarks.md) ----------------------------
+
+
+@pytest.fixture
+def precision_model(_small_state, tmp_path):
+    """SMALL loaded afresh, so tests may change its precision."""
+    path = tmp_path / "small.pt"
+    torch.save(_small_state, path)
+    return VQGAN.from_checkpoint(path, config=SMALL)
+
+
+def _reconstruct_with_latents(model: VQGAN, images: torch.Tensor, precision: str):
+    """``reconstruct`` under bf16 autocast with ``precision``; also the latents it quantized and the codes it chose."""
+    latents = []
+    handle = model.quant_conv.register_forward_hook(lambda module, inputs, z: latents.append(z.float()))
+    model.precision = precision
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.reconstruct(images)
+    finally:
+        handle.remove()
+        model.precision = "fp32"
+    (z,) = latents
+    return out, z, model.quantize(z)[1]
+
+
+def test_precision_is_validated_and_set_by_the_loaders(small_state, tmp_path):
+    with pytest.raises(ConfigError, match="vqgan.precision"):
+        VQGAN.from_config(SMALL, precision="fp16")
+    path = tmp_path / "small.pt"
+    torch.save(small_state, path)
+    assert VQGAN.from_checkpoint(path, config=SMALL, precision="bf16").precision == "bf16"
+    assert VQGAN(SMALL).precision == "fp32"
+
+
+@pytest.mark.parametrize("precision", ["bf16-decoder", "bf16"])
+def test_bf16_precisions_change_nothing_outside_autocast(precision_model, precision):
+    images = torch.rand(3, 3, 32, 32)
+    expected = precision_model.reconstruct(images)
+    precision_model.precision = precision
+    assert torch.equal(precision_model.reconstruct(images), expected)  # a CPU cache (no autocast) stays fp32
+
+
+def test_bf16_decoder_keeps_every_code_and_moves_pixels_by_at_most_16_levels(precision_model):
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 32, 32)
+    _, z32, codes32 = _reconstruct_with_latents(precision_model, images, "fp32")
+    expected = precision_model.reconstruct(images)
+    out, z, codes = _reconstruct_with_latents(precision_model, images, "bf16-decoder")
+    assert torch.equal(z, z32)  # the encoder ran in fp32
+    assert torch.equal(codes, codes32)
+    assert out.dtype == images.dtype
+    diff = (out - expected).abs()
+    assert 0 < diff.max() <= 16 / 255  # measured 0.028-0.036 here; the decoder did run in bf16
+    assert diff.mean() <= 2 / 255
+
+
+def test_bf16_flips_only_codes_its_encoder_error_can_explain(precision_model):
+    """A code chosen from the bf16 latent z + d instead of the fp32 latent z's nearest code e* is a near-tie:
+    |z - e'|^2 - |z - e*|^2 <= 2 |d| |e' - e*| (it was no farther than e* from z + d), so its margin is bounded by
+    the encoder's rounding error alone."""
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 32, 32)
+    _, z32, codes32 = _reconstruct_with_latents(precision_model, images, "fp32")
+    out, z, codes = _reconstruct_with_latents(precision_model, images, "bf16")
+    assert 0 < (z - z32).abs().max()  # the encoder ran in bf16
+    assert out.min() >= 0 and out.max() <= 1
+    agree = (codes == codes32).float().mean()
+    assert 0.95 <= agree < 1  # measured 0.977-0.982 on three seeds
+    flat32, flat = (t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) for t in (z32, z))
+    book = precision_model.codebook.weight
+    best, chosen = book[codes32.flatten()], book[codes.flatten()]
+    margin = (flat32 - chosen).pow(2).sum(1) - (flat32 - best).pow(2).sum(1)
+    bound = 2 * (flat - flat32).norm(dim=1) * (chosen - best).norm(dim=1)
+    flipped = codes.flatten() != codes32.flatten()
+    assert (margin[flipped] > 0).all()
+    assert (margin[flipped] <= bound[flipped] + 1e-4).all()
