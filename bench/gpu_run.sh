@@ -9,11 +9,12 @@
 # package index; fill it as docs/benchmarks.md says), else from the index. Then bench/run_all.py --full, with the
 # torch.compile rows while the budget lasts; every step rewrites the JSONs and summary.md, so a run stopped at the
 # hard limit keeps what it finished. Knobs: BUDGET_S (default 240), HARD_LIMIT_S (330), COMPILE (1; 0 = no compile
-# rows), FULL (1; 0 = tiny configurations, to try the script on a CPU), RUN_ALL_ARGS (appended), PYTHON (python3).
+# rows), FULL (1; 0 = tiny configurations, to try the script on a CPU), RUN_ALL_ARGS (appended), PYTHON (python3),
+# RESULTS (the output folder, default $OUT/bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-RESULTS="${OUT:-$PWD/bench/results}/bench"
+RESULTS="${RESULTS:-${OUT:-$PWD/bench/results}/bench}"
 SITE=/tmp/dad-bench-site
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$RESULTS"
