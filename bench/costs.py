@@ -68,8 +68,8 @@ def scale_out(
                 "epoch_read_gb_per_s": round(cache / (images / (g * train_images_per_s)) / 1e9, 3)
                 if train_images_per_s
                 else None,
-                # load_teacher_cache(verify=True) hashes every shard on every rank before training starts
-                "startup_verify_read_gb": round(g * cache / 1e9, 1),
+                # fit() has rank 0 hash every shard before training starts (the other ranks read the manifest)
+                "startup_verify_read_gb": round(cache / 1e9, 1),
             }
         )
     return {

@@ -62,8 +62,9 @@ def _check(ok: bool, key: str, message: str) -> None:
 # How the VQGAN round trip runs under bf16 autocast (dad_core.vqgan.VQGAN.reconstruct):
 #   fp32          everything in fp32: the reference's numbers (on GPUs up to TF32 convolutions)
 #   bf16-decoder  encoder and code choice in fp32, the decoder (2/3 of the f8 FLOPs) in bf16: the same codes,
-#                 pixels a few 1/255 levels apart
-#   bf16          encoder and decoder in bf16, code distances still fp32: near-tie codes may flip
+#                 pixels 1.4/255 apart on average (H200, f8 at 224 px); 29% faster generation when compiled
+#   bf16          encoder and decoder in bf16, code distances still fp32: near-tie codes flip (2.8% there); 52%
+#                 faster generation when compiled (docs/benchmarks.md has the measurements)
 VQGAN_PRECISIONS = ("fp32", "bf16-decoder", "bf16")
 
 
@@ -157,8 +158,8 @@ class VQGANConfig:
     # f16-16384 (taming ImageNet) | tiny-f4 (the embedded defaults, trained by train-vqgan)
     config: str = "tiny-f4"
     checkpoint: str | None = None  # taming/latent-diffusion .ckpt, state dict .pt/.pth, or .safetensors
-    # DAD generation on a GPU (bf16 autocast): fp32 | bf16-decoder (same codes, pixels within a few 1/255) |
-    # bf16 (near-tie codes may flip); see docs/benchmarks.md. On a CPU the VQGAN always runs fp32.
+    # DAD generation on a GPU (bf16 autocast): fp32 | bf16-decoder (same codes, faster) | bf16 (near-tie codes
+    # may flip, fastest); see VQGAN_PRECISIONS above and docs/benchmarks.md. On a CPU the VQGAN always runs fp32.
     precision: str = "fp32"
     train: VQGANTrainConfig = field(default_factory=VQGANTrainConfig)
 
