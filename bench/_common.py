@@ -376,10 +376,24 @@ def format_result(result: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def parse_args(
+    argv: list[str] | None, *, doc: str, rows: tuple[str, ...], default_rows: tuple[str, ...], **extra: dict[str, Any]
+) -> argparse.Namespace:
+    """A benchmark's command line: the common arguments plus ``extra`` (``--name``: ``add_argument`` keywords)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_common_args(parser, rows=rows, default_rows=default_rows)
+    for name, kwargs in extra.items():
+        parser.add_argument(f"--{name}", **kwargs)
+    return parser.parse_args(argv)
+
+
 def finish(result: dict[str, Any], args: argparse.Namespace) -> int:
-    """Print the tables (unless ``--quiet``), write ``--json``; exit code 1 when a row failed."""
+    """Print the tables and agreement (unless ``--quiet``), write ``--json``; exit code 1 when a row failed."""
     if not args.quiet:
         print(format_result(result), flush=True)
+        for key, agreement in result.items():
+            if key.startswith("agreement_vs_") and agreement:
+                print(f"\nagreement with {key.removeprefix('agreement_vs_')}:", to_json(agreement))
     if args.json:
         from dad_core.io import atomic_write_json
 

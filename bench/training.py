@@ -234,12 +234,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(parser, rows=ROWS, default_rows=DEFAULT_ROWS)
-    parser.add_argument(
-        "--students", help="comma-separated timm models (default: resnet10t; with --full vit_base_patch16_224,resnet50)"
-    )
-    return parser.parse_args(argv)
+    students = {"help": "comma-separated timm models (default: resnet10t; with --full vit_base_patch16_224,resnet50)"}
+    return common.parse_args(argv, doc=__doc__, rows=ROWS, default_rows=DEFAULT_ROWS, students=students)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,18 +192,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(parser, rows=ROWS, default_rows=DEFAULT_ROWS)
-    return parser.parse_args(argv)
+    return common.parse_args(argv, doc=__doc__, rows=ROWS, default_rows=DEFAULT_ROWS)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
-    code = common.finish(result, args)
-    if not args.quiet and result["agreement_vs_reference"]:
-        print("\nagreement with reference:", common.to_json(result["agreement_vs_reference"]))
-    return code
+    return common.finish(run(args), args)
 
 
 if __name__ == "__main__":
