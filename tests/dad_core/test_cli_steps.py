@@ -7,9 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from _folders import write_numbered_folders
 from PIL import Image
 
 from dad_core.cli.main import main
@@ -25,17 +25,7 @@ NUM_CLASSES = 12
 
 def _make_source(root: Path) -> Path:
     """``train/<k>/`` and ``val/<k>/`` for k in 0..11 (numbered folders), noise with a class-coded corner."""
-    rng = np.random.default_rng(0)
-    for split, per_class in (("train", 6), ("val", 2)):
-        for k in range(NUM_CLASSES):
-            folder = root / split / str(k)
-            folder.mkdir(parents=True)
-            for j in range(per_class):
-                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                pixels[:8, :8] = 20 * k
-                Image.fromarray(pixels).save(folder / f"img{j:02d}.png")
-    (root / "classes.txt").write_text("".join(f"{k}\tnumber {k}\n" for k in range(NUM_CLASSES)))
-    return root
+    return write_numbered_folders(root, NUM_CLASSES, train_per_class=6, block=8, class_names=True)
 
 
 @pytest.fixture(scope="module")

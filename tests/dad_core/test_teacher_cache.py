@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _folders import write_numbered_folders
 from PIL import Image
 
 from dad_core.config import load_config
@@ -190,17 +191,7 @@ def test_a_truncated_png_fails_caching_naming_the_file(digits_root, tmp_path):
 def numbered_root(tmp_path_factory):
     """``train/<k>/img<j>.png`` for k in 0..11, classes.txt in numeric order; pixel block [0:4, 0:4] = 20 * k."""
     base = tmp_path_factory.mktemp("numbered")
-    source = base / "src"
-    rng = np.random.default_rng(0)
-    for split, per_class in (("train", 12), ("val", 2)):
-        for k in range(NUMBERED_CLASSES):
-            folder = source / split / str(k)
-            folder.mkdir(parents=True)
-            for j in range(per_class):
-                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                pixels[:4, :4] = 20 * k
-                Image.fromarray(pixels).save(folder / f"img{j:02d}.png")
-    (source / "classes.txt").write_text("".join(f"{k}\n" for k in range(NUMBERED_CLASSES)))
+    source = write_numbered_folders(base / "src", NUMBERED_CLASSES, train_per_class=12, block=4, class_names=False)
     prepare_folder(source, base / "data", load_config(None, []).data, progress=False)
     return base / "data"
 
