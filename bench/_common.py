@@ -198,10 +198,10 @@ def fp32_precision(mode: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def vqgan_precision(vqgan: nn.Module, precision: str | None) -> Iterator[None]:
-    """Set ``vqgan.precision`` (``dad_core.vqgan.VQGAN``) for the block; None leaves it as it is."""
+def vqgan_precision(vqgan: nn.Module, precision: str) -> Iterator[None]:
+    """Set ``vqgan.precision`` (``dad_core.vqgan.VQGAN``) for the block."""
     before = vqgan.precision
-    vqgan.precision = precision or before
+    vqgan.precision = precision
     try:
         yield
     finally:
