@@ -462,6 +462,17 @@ def validate_job_body(body: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------- local
 
 
+def _shown(cmd: Sequence[str]) -> str:
+    """``cmd`` for a log line, any URI credentials (``-p tracking.uri=http://u:p@h``) shown as ``***``."""
+    from dad_core.config import redact_uri
+
+    def redact(arg: str) -> str:
+        key, sep, value = arg.rpartition("=") if "://" in arg.partition("=")[2] else ("", "", arg)
+        return f"{key}{sep}{redact_uri(value)}"
+
+    return shlex.join(redact(arg) for arg in cmd)
+
+
 def local_command(train_args: Sequence[str], *, nproc_per_node: int = 1, module: str = DEFAULT_MODULE) -> list[str]:
     """The command the local backend runs.
 
@@ -554,7 +565,7 @@ def run_local(
     echo = echo or _echo_stdout
     tail: deque[str] = deque(maxlen=tail_lines + 40)  # room for torchrun's traceback, dropped below
     timed_out = threading.Event()
-    _logger.info("launching: %s", shlex.join(cmd))
+    _logger.info("launching: %s", _shown(cmd))
     start = time.monotonic()
     proc = subprocess.Popen(
         cmd,
@@ -583,7 +594,7 @@ def run_local(
     if timed_out.is_set():
         raise LaunchError(f"local training timed out after {timeout_s:g}s and was stopped; last lines:\n{last}")
     if code != 0:
-        raise LaunchError(f"local training failed with exit code {code} ({shlex.join(cmd)}); last lines:\n{last}")
+        raise LaunchError(f"local training failed with exit code {code} ({_shown(cmd)}); last lines:\n{last}")
     return LaunchResult(backend="local", duration_s=time.monotonic() - start, log_tail=tuple(last_lines))
 
 

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -30,22 +29,27 @@ from typing import Any
 
 from dad_core.errors import DADError
 from dad_core.tracking import (
+    TrackingError,
     check_tracking_server,
     ensure_experiment,
+    is_transient,
     lineage_tags,
     mlflow_key,
     redact_uri,
     resolve_tracking_uri,
     retry,
+    tracking_credentials,
 )
 
 __all__ = [
     "CHALLENGER",
     "CHAMPION",
     "DEFAULT_TRACKING_URI",
+    "Gate",
     "PromotionDecision",
     "RegistryError",
     "format_table",
+    "gate_outcome",
     "load_eval_metrics",
     "promote",
     "register_model",
@@ -100,7 +104,12 @@ def _tracking_uri(uri: str) -> Iterator[None]:
 
 
 def _connect(tracking_uri: str | None, timeout_s: float) -> str:
-    uri = resolve_tracking_uri(tracking_uri) or DEFAULT_TRACKING_URI
+    uri, missing = tracking_credentials(resolve_tracking_uri(tracking_uri) or DEFAULT_TRACKING_URI)
+    if missing:  # the library never writes the environment: the CLIs move URI credentials there
+        raise TrackingError(
+            f"tracking URI {redact_uri(uri)} carries credentials: set {' and '.join(sorted(missing))} instead "
+            "(the `dad` commands do this for you)"
+        )
     check_tracking_server(uri, timeout_s, hint="fix --tracking-uri / MLFLOW_TRACKING_URI")
     return uri
 
@@ -130,7 +139,7 @@ def load_eval_metrics(path: str | Path) -> dict[str, float]:
 def _read_meta(checkpoint_dir: Path) -> dict[str, Any]:
     meta_path = checkpoint_dir / "meta.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"no student checkpoint at {checkpoint_dir} (expected meta.json and state.pt)")
+        raise FileNotFoundError(f"no student checkpoint at {checkpoint_dir} (expected meta.json and state.safetensors)")
     try:
         meta = json.loads(meta_path.read_text())
     except ValueError as err:
@@ -161,19 +170,10 @@ def _pip_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for package in ("torch", "torchvision", "timm", "numpy"):
+    for package in ("torch", "torchvision", "timm", "numpy", "pandas", "safetensors"):
         with contextlib.suppress(PackageNotFoundError):
             pins.append(f"{package}=={version(package).split('+')[0]}")
     return pins
-
-
-def _package_copy(folder: Path) -> str:
-    """A copy of the ``dad_core`` sources without caches: logged as the model's code (``dad_core.student``)."""
-    import dad_core
-
-    target = folder / "dad_core"
-    shutil.copytree(Path(dad_core.__file__).parent, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return str(target)
 
 
 def _tag_value(value: Any) -> str:
@@ -189,29 +189,30 @@ def _version_tags(meta: Mapping[str, Any], metrics: Mapping[str, float], tags: M
 
 
 def _log_model(student: Any, size: int, info: dict[str, Any]) -> str:
-    """``mlflow.pytorch.log_model`` into the active run, with signature and example; returns the model URI.
+    """Log the student into the active run as a pyfunc model with no pickle in it; returns the model URI.
 
-    Pickle format: the default ``pt2`` (torch.export) specializes the batch dimension of a one-image example. The
-    pickle refers to ``dad_core.student.Student``, so the ``dad_core`` sources travel with the model as its code.
+    Weights as safetensors and ``model_info.json`` (what rebuilds the network); ``MLmodel`` names the installed
+    ``dad_core.mlflow_model`` as its loader, so no code travels with the model (:mod:`dad_core.mlflow_model`).
     """
     import mlflow
     import torch
     from mlflow.models import infer_signature
 
-    example = torch.full((1, 3, size, size), 0.5)
-    with torch.no_grad():
-        signature = infer_signature(example.numpy(), student(example).numpy())
+    from dad_core.mlflow_model import LOADER_MODULE, StudentPredictor, save_model_data
+
+    example = torch.full((1, 3, size, size), 0.5).numpy()
+    signature = infer_signature(example, StudentPredictor(student, info).predict(example))
     with tempfile.TemporaryDirectory() as folder:
+        data = save_model_data(student, info, Path(folder) / "student")
         logged = retry(
-            lambda: mlflow.pytorch.log_model(
-                student,
+            lambda: mlflow.pyfunc.log_model(
                 name="model",
+                loader_module=LOADER_MODULE,
+                data_path=str(data),
                 signature=signature,
-                input_example=example.numpy(),
+                input_example=example,
                 pip_requirements=_pip_requirements(),
-                code_paths=[_package_copy(Path(folder))],
-                metadata=info,
-                serialization_format="pickle",
+                metadata={"dad_format": "safetensors", "student": info["student"]},
             )
         )
     return logged.model_uri
@@ -255,6 +256,21 @@ def _log_student(
     return logged_run, model_uri
 
 
+@dataclass(frozen=True)
+class Gate:
+    """The promotion gate: ``metric`` must gain at least ``margin``; ``clean_metric`` may lose ``clean_tolerance``."""
+
+    metric: str = "ood_mean_top1"
+    margin: float = 0.0
+    clean_metric: str = "clean_top1"
+    clean_tolerance: float = 1.0
+
+    @classmethod
+    def from_config(cls, registry: Any) -> Gate:
+        """The gate of a :class:`dad_core.config.RegistryConfig`."""
+        return cls(registry.metric, registry.margin, registry.clean_metric, registry.clean_tolerance)
+
+
 def register_model(
     checkpoint_dir: str | Path,
     metrics: Mapping[str, float],
@@ -268,17 +284,23 @@ def register_model(
     preprocessing: Mapping[str, Any] | None = None,
     experiment: str = "dad",
     timeout_s: float = 10.0,
+    gate: Gate | None = None,
+    promote: bool = False,
 ) -> dict[str, Any]:
     """Log the student in ``checkpoint_dir`` as an MLflow model, register a new version of ``name``, set ``alias``.
 
-    Registering the same checkpoint again makes a new version. The first version of a model (more precisely: a
-    version registered while no version holds ``champion``) also becomes ``champion``.
+    Registering the same checkpoint again makes a new version. A version registered while no version holds
+    ``champion`` also becomes ``champion`` (decision ``accepted``, "first champion"). With ``promote`` the new
+    version goes through the gate against the champion at once. Alias decisions hold the model's promotion lock
+    (:func:`_promotion_lock`), so concurrent registrations and promotions never both claim ``champion``.
 
     Args:
-        checkpoint_dir: student checkpoint (``state.pt`` + ``meta.json`` with model, num_classes, image_size).
-        metrics: evaluation metrics, logged to the run and written as ``dad.metric.<key>`` version tags.
+        checkpoint_dir: student checkpoint (``state.safetensors`` + ``meta.json`` with model, num_classes,
+            image_size).
+        metrics: evaluation metrics, logged to the run and written as ``dad.metric.<key>`` version tags; they must
+            hold the gate's two metrics.
         name: registered model name.
-        alias: alias set on the new version (``challenger``; ``champion`` forces it live).
+        alias: alias set on the new version (``challenger``; ``champion`` forces it live, skipping the gate).
         tags: version tags, e.g. lineage (``dad.dvc_rev``, ``dad.pipeline_run_id``); they override the ones read
             from ``meta.json`` and the git SHA of the working folder.
         tracking_uri: MLflow URI; default ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
@@ -287,19 +309,30 @@ def register_model(
         preprocessing: what the model expects; default derived from the student (size, crop, mean/std).
         experiment: experiment of the new run when ``run_id`` is None.
         timeout_s: how long to wait for an HTTP tracking server to answer.
+        gate: the promotion gate (default :class:`Gate`); its metrics must be in ``metrics``.
+        promote: run the gate for the new version now, as ``dad promote`` would.
 
     Returns:
-        ``{"name", "version", "run_id", "model_uri", "aliases"}``; ``model_uri`` is ``models:/<name>/<version>``.
+        ``{"name", "version", "run_id", "model_uri", "aliases", "promotion"}``; ``model_uri`` is
+        ``models:/<name>/<version>``; ``promotion`` is the decision (None when none was made).
 
     Raises:
         FileNotFoundError: no checkpoint at ``checkpoint_dir``.
         TrackingError: the tracking server does not answer.
-        RegistryError: ``alias`` is not a valid alias, or MLflow refused a request.
+        RegistryError: ``alias`` is not valid, ``metrics`` lack a gate metric, or MLflow refused a request.
     """
     from dad_core.student import load_student
 
+    gate = gate or Gate()
     if not re.fullmatch(r"[\w-]{1,255}", alias) or re.fullmatch(r"latest|v\d+", alias.lower()):
         raise RegistryError(f"alias {alias!r} is not valid: letters, digits, _ and -, not 'latest' nor v<number>")
+    values = {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    missing = [key for key in dict.fromkeys((gate.metric, gate.clean_metric)) if key not in values]
+    if missing:
+        raise RegistryError(
+            f"the evaluation metrics lack the promotion gate's {missing} (have {sorted(values)[:8]}): "
+            "register the report of a full evaluation, or set registry.metric / registry.clean_metric"
+        )
     uri = _connect(tracking_uri, timeout_s)
     checkpoint_dir = Path(checkpoint_dir)
     meta = _read_meta(checkpoint_dir)
@@ -310,8 +343,8 @@ def register_model(
         "class_names": list(meta.get("class_names") or []),
         "student": meta["model"],
         "num_classes": int(meta["num_classes"]),
+        "image_size": int(meta["image_size"]),
     }
-    values = {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     with _mlflow_errors(uri), _tracking_uri(uri):
         import mlflow
 
@@ -326,7 +359,9 @@ def register_model(
             run_name=f"register-{name}",
         )
         version = retry(lambda: mlflow.register_model(logged_uri, name, tags=_version_tags(meta, values, tags))).version
-        aliases = _assign_aliases(mlflow.MlflowClient(uri), name, str(version), alias)
+        client = mlflow.MlflowClient(uri)
+        with _promotion_lock(client, name):
+            aliases, decision = _assign_aliases(client, name, str(version), alias, gate if promote else None)
     _logger.info("registered %s version %s (%s)", name, version, ", ".join(aliases))
     return {
         "name": name,
@@ -334,17 +369,23 @@ def register_model(
         "run_id": logged_run,
         "model_uri": f"models:/{name}/{version}",
         "aliases": aliases,
+        "promotion": decision.to_dict() if decision is not None else None,
     }
 
 
-def _assign_aliases(client: Any, name: str, version: str, alias: str) -> list[str]:
-    had_champion = CHAMPION in _aliases(client, name)
+def _assign_aliases(
+    client: Any, name: str, version: str, alias: str, gate: Gate | None
+) -> tuple[list[str], PromotionDecision | None]:
+    """Point ``alias`` at ``version``; make it champion when there is none (or ``gate`` accepts it). Under the lock."""
     retry(lambda: client.set_registered_model_alias(name, alias, version))
-    if alias == CHAMPION or had_champion:
-        return [alias]
-    retry(lambda: client.set_registered_model_alias(name, CHAMPION, version))
-    _tag_decision(client, name, version, "accepted", "first champion: no version held the champion alias", None)
-    return [alias, CHAMPION]
+    if alias == CHAMPION:
+        return [alias], None
+    decision = (
+        _decide(client, name, version, gate or Gate()) if gate or CHAMPION not in _aliases(client, name) else None
+    )
+    if decision is None or not decision.promoted:
+        return [alias], decision
+    return [alias, CHAMPION], decision
 
 
 def _aliases(client: Any, name: str) -> dict[str, str]:
@@ -366,6 +407,94 @@ def _aliases(client: Any, name: str) -> dict[str, str]:
 
 # --- promotion -------------------------------------------------------------------------------------------------
 
+LOCK_SUFFIX = ".promotion-lock"  # the registered model whose existence is the lock (see _promotion_lock)
+_NONCE_TAG, _SINCE_TAG, _HOLDER_TAG = "dad.lock.nonce", "dad.lock.since", "dad.lock.holder"
+SEQUENCE_TAG = "dad.promotion_seq"  # on the registered model: decisions made so far; on a version: its number
+
+
+@contextlib.contextmanager
+def _promotion_lock(client: Any, name: str, *, timeout_s: float = 120.0, stale_s: float = 600.0) -> Iterator[None]:
+    """Hold the promotion lock of ``name`` for the block: alias decisions on it happen one at a time.
+
+    MLflow has no transactions, and its tags and aliases are last-writer-wins, so a check-then-set on them races
+    (two writers both see "no champion" and both claim it). The one atomic compare-and-set it offers is creating a
+    registered model: the store refuses a second one of the same name. So the lock is the registered model
+    ``<name>.promotion-lock``, created with a tag holding a fresh nonce, and deleted by the holder whose nonce it
+    still carries. A lock older than ``stale_s`` (its holder died) is deleted by the next waiter, if its nonce is
+    unchanged, and then contended for by creation again, which still lets exactly one writer win.
+
+    Raises:
+        RegistryError: the lock stayed held for ``timeout_s`` (the message names the holder and how to clear it).
+    """
+    import os
+    import random
+    import socket
+    import uuid
+
+    from mlflow.exceptions import MlflowException
+
+    lock, nonce = f"{name}{LOCK_SUFFIX}", uuid.uuid4().hex
+    deadline, delay = time.monotonic() + timeout_s, 0.05
+    while True:
+        try:
+            client.create_registered_model(
+                lock,
+                tags={
+                    _NONCE_TAG: nonce,
+                    _SINCE_TAG: f"{time.time():.3f}",
+                    _HOLDER_TAG: f"{socket.gethostname()}:{os.getpid()}",
+                },
+                description=f"Held while a registration or promotion of {name!r} decides its aliases; deleted after.",
+            )
+            break
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS" and not is_transient(err):
+                raise
+        holder = _lock_tags(client, lock)
+        if holder.get(_NONCE_TAG) == nonce:  # our create went through although its answer was lost
+            break
+        if holder and time.time() - float(holder.get(_SINCE_TAG) or 0) > stale_s:
+            _logger.warning("promotion lock %s of %s is stale; taking it over", lock, holder.get(_HOLDER_TAG))
+            if _lock_tags(client, lock).get(_NONCE_TAG) == holder.get(_NONCE_TAG):
+                _delete_lock(client, lock)
+            continue
+        if time.monotonic() > deadline:
+            raise RegistryError(
+                f"the promotion lock of {name!r} is held by {holder.get(_HOLDER_TAG, '?')} since "
+                f"{time.strftime('%H:%M:%S', time.localtime(float(holder.get(_SINCE_TAG) or 0)))}; if no registration "
+                f"or promotion is running, delete the registered model {lock!r}"
+            )
+        time.sleep(delay * random.uniform(0.5, 1.5))
+        delay = min(delay * 2, 1.0)
+    try:
+        yield
+    finally:
+        if _lock_tags(client, lock).get(_NONCE_TAG) == nonce:
+            _delete_lock(client, lock)
+
+
+def _delete_lock(client: Any, lock: str) -> None:
+    """Delete the lock model; "not found" is success (a retried delete whose first answer was lost)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        retry(lambda: client.delete_registered_model(lock))
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+
+
+def _lock_tags(client: Any, lock: str) -> dict[str, str]:
+    """The lock's tags; empty when nobody holds it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(retry(lambda: client.get_registered_model(lock)).tags or {})
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
+
 
 @dataclass(frozen=True)
 class PromotionDecision:
@@ -382,6 +511,7 @@ class PromotionDecision:
     clean_tolerance: float
     challenger_metrics: dict[str, float] = field(default_factory=dict)
     champion_metrics: dict[str, float] = field(default_factory=dict)
+    sequence: int | None = None  # this decision's number among the model's decisions (None: unchanged)
 
     @property
     def promoted(self) -> bool:
@@ -416,15 +546,9 @@ def version_metrics(client: Any, version: Any) -> dict[str, float]:
     return metrics
 
 
-def _gate(
-    challenger: Mapping[str, float],
-    champion: Mapping[str, float],
-    metric: str,
-    margin: float,
-    clean_metric: str,
-    clean_tolerance: float,
-) -> tuple[str, str]:
-    """``("accepted" | "rejected", reason)``: ``metric`` must gain >= ``margin``, ``clean_metric`` lose <= tolerance."""
+def gate_outcome(challenger: Mapping[str, float], champion: Mapping[str, float], gate: Gate) -> tuple[str, str]:
+    """``("accepted" | "rejected", reason)`` of ``gate`` for two versions' metrics (both higher-is-better)."""
+    metric, margin, clean_metric, clean_tolerance = gate.metric, gate.margin, gate.clean_metric, gate.clean_tolerance
     missing = [
         f"{who} has no {key!r}"
         for who, values in (("challenger", challenger), ("champion", champion))
@@ -445,12 +569,62 @@ def _gate(
     )
 
 
-def _tag_decision(client: Any, name: str, version: str, outcome: str, reason: str, compared: str | None) -> None:
+def _decide(client: Any, name: str, version: str, gate: Gate) -> PromotionDecision:
+    """Gate ``version`` against the current champion, move ``champion`` if it wins, record the decision as tags.
+
+    Must run under :func:`_promotion_lock`: the champion read here is then the one the alias still points to when
+    it is moved, and the decision gets the next number in the model's ``dad.promotion_seq``.
+    """
+    challenger = retry(lambda: client.get_model_version(name, version))
+    aliases = _aliases(client, name)
+    champion = retry(lambda: client.get_model_version(name, aliases[CHAMPION])) if CHAMPION in aliases else None
+    challenger_metrics = version_metrics(client, challenger)
+    champion_metrics = version_metrics(client, champion) if champion is not None else {}
+    if champion is None:
+        outcome, reason = "accepted", "first champion: no version held the champion alias"
+    elif str(champion.version) == str(version):
+        outcome, reason = "unchanged", f"version {version} already is the champion"
+    else:
+        outcome, reason = gate_outcome(challenger_metrics, champion_metrics, gate)
+    sequence = None
+    if outcome != "unchanged":
+        if outcome == "accepted":
+            retry(lambda: client.set_registered_model_alias(name, CHAMPION, version))
+        sequence = _next_sequence(client, name)
+        _tag_decision(client, name, version, outcome, reason, champion and champion.version, sequence)
+    return PromotionDecision(
+        name,
+        outcome,
+        reason,
+        str(version),
+        None if champion is None else str(champion.version),
+        gate.metric,
+        gate.margin,
+        gate.clean_metric,
+        gate.clean_tolerance,
+        challenger_metrics,
+        champion_metrics,
+        sequence,
+    )
+
+
+def _next_sequence(client: Any, name: str) -> int:
+    """Count this decision on the registered model (under the lock, so no two decisions get one number)."""
+    model = retry(lambda: client.get_registered_model(name))
+    sequence = int((model.tags or {}).get(SEQUENCE_TAG, 0)) + 1
+    retry(lambda: client.set_registered_model_tag(name, SEQUENCE_TAG, str(sequence)))
+    return sequence
+
+
+def _tag_decision(
+    client: Any, name: str, version: str, outcome: str, reason: str, compared: str | None, sequence: int
+) -> None:
     tags = {
         "dad.promotion": outcome,
         "dad.promotion_reason": reason,
         "dad.promotion_compared_to": str(compared or "none"),
         "dad.promotion_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        SEQUENCE_TAG: str(sequence),
     }
     for key, value in tags.items():
         retry(lambda k=key, v=value: client.set_model_version_tag(name, version, k, v))
@@ -463,14 +637,17 @@ def promote(
     margin: float = 0.0,
     clean_metric: str = "clean_top1",
     clean_tolerance: float = 1.0,
+    version: str | None = None,
     tracking_uri: str | None = None,
     timeout_s: float = 10.0,
 ) -> PromotionDecision:
-    """Move ``champion`` to the ``challenger`` version when it passes the gate; record the decision as version tags.
+    """Move ``champion`` to the challenger when it passes the gate; record the decision as version tags.
 
-    The challenger wins when ``metric`` improves by at least ``margin`` and ``clean_metric`` drops by no more than
-    ``clean_tolerance`` (both higher-is-better). A missing metric on either side rejects. With no champion yet the
-    challenger becomes champion; when the challenger already is the champion nothing changes.
+    The challenger (``version``, default the one holding ``challenger``) wins when ``metric`` improves by at least
+    ``margin`` and ``clean_metric`` drops by no more than ``clean_tolerance`` (both higher-is-better). A missing
+    metric on either side rejects. With no champion yet the challenger becomes champion; when the challenger already
+    is the champion nothing changes. The decision is made under the model's promotion lock, so concurrent
+    promotions and registrations see and move the champion one at a time.
 
     Raises:
         TrackingError: the tracking server does not answer.
@@ -480,38 +657,17 @@ def promote(
 
     uri = _connect(tracking_uri, timeout_s)
     client = mlflow.MlflowClient(uri)
+    gate = Gate(metric, margin, clean_metric, clean_tolerance)
     with _mlflow_errors(uri):
         aliases = _aliases(client, name)
-        if CHALLENGER not in aliases:
+        if version is None and CHALLENGER not in aliases:
             raise RegistryError(f"registered model {name!r} has no {CHALLENGER!r} alias: register a version first")
-        challenger = retry(lambda: client.get_model_version(name, aliases[CHALLENGER]))
-        champion = retry(lambda: client.get_model_version(name, aliases[CHAMPION])) if CHAMPION in aliases else None
-        challenger_metrics = version_metrics(client, challenger)
-        champion_metrics = version_metrics(client, champion) if champion is not None else {}
-        if champion is None:
-            outcome, reason = "accepted", "no champion yet: the challenger becomes the first champion"
-        elif str(champion.version) == str(challenger.version):
-            outcome, reason = "unchanged", f"the challenger (version {challenger.version}) already is the champion"
-        else:
-            outcome, reason = _gate(challenger_metrics, champion_metrics, metric, margin, clean_metric, clean_tolerance)
-        if outcome == "accepted":
-            retry(lambda: client.set_registered_model_alias(name, CHAMPION, challenger.version))
-        if outcome != "unchanged":
-            _tag_decision(client, name, challenger.version, outcome, reason, champion and champion.version)
-    decision = PromotionDecision(
-        name,
-        outcome,
-        reason,
-        str(challenger.version),
-        None if champion is None else str(champion.version),
-        metric,
-        margin,
-        clean_metric,
-        clean_tolerance,
-        challenger_metrics,
-        champion_metrics,
+        with _promotion_lock(client, name):
+            chosen = str(version) if version is not None else _aliases(client, name)[CHALLENGER]
+            decision = _decide(client, name, chosen, gate)
+    _logger.info(
+        "promotion of %s version %s: %s (%s)", name, decision.challenger_version, decision.outcome, decision.reason
     )
-    _logger.info("promotion of %s version %s: %s (%s)", name, decision.challenger_version, outcome, reason)
     return decision
 
 

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dad_core.checkpoint import load_checkpoint
+from dad_core.checkpoint import CheckpointError, load_checkpoint
+from dad_core.serialization import state_dict_mismatch
 
 __all__ = ["Student", "create_student", "load_student", "unwrap_model"]
 
@@ -60,12 +61,24 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu", *, use_ema: bool = True) -> Student:
-    """Load a trained student from a checkpoint directory written by training (state.pt + meta.json).
+    """Load a trained student from a checkpoint directory written by training (state.safetensors + meta.json).
 
     Uses the EMA weights when the checkpoint has them and ``use_ema`` is set.
+
+    Raises:
+        CheckpointError: the directory is not a student checkpoint, or its weights do not fit the model it names.
     """
     state, meta = load_checkpoint(path, map_location="cpu")
+    missing = [key for key in ("model", "num_classes") if key not in meta]
+    if missing or not isinstance(state.get("model"), dict):
+        raise CheckpointError(
+            f"{path}: not a student checkpoint (meta.json lacks {missing or 'nothing'}, state has "
+            f"{'no' if not isinstance(state.get('model'), dict) else 'a'} 'model')"
+        )
     student = create_student(meta["model"], meta["num_classes"], image_size=meta.get("image_size"))
     weights = state.get("ema") if use_ema and state.get("ema") is not None else state["model"]
-    student.load_state_dict(weights)
+    try:
+        student.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: the weights do not fit {meta['model']} ({state_dict_mismatch(err)})") from None
     return student.to(device).eval()

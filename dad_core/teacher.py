@@ -9,7 +9,6 @@ CLIP (dad_method.md §1.7, item 6), which we do not copy.
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -145,22 +144,16 @@ class TimmTeacher(nn.Module):
 
 
 def _load_file(path: str) -> Any:
-    if "://" in path:  # s3://, gs://, http(s):// through fsspec (s3fs ships with dvc[s3])
-        import fsspec
+    """A teacher file through the product's safe loader (local path, ``file://``, ``s3://``, ...): never unpickles
+    code; a pickle that needs more than tensors and plain data is refused with how to convert a trusted copy."""
+    from dad_core.serialization import WeightsFileError, load_torch_file
 
-        with fsspec.open(path, "rb") as handle:
-            return torch.load(handle, map_location="cpu", weights_only=False)
-    if not Path(path).is_file():
+    if "://" not in path and not Path(path).is_file():
         raise FileNotFoundError(f"teacher checkpoint not found: {path}")
-    from safetensors import SafetensorError  # a dependency of timm, so always present
-    from safetensors.torch import load_file
-
     try:
-        if path.endswith(".safetensors"):
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
-        raise TeacherCheckpointError(f"{path}: not a readable checkpoint file ({type(err).__name__}: {err})") from err
+        return load_torch_file(path)
+    except WeightsFileError as err:
+        raise TeacherCheckpointError(f"teacher checkpoint {err}") from None
 
 
 def create_clip_classifier(
@@ -281,7 +274,11 @@ def create_clip_teacher(
         try:
             teacher.load_state_dict(state["state_dict"])
         except RuntimeError as err:
-            raise TeacherCheckpointError(f"{checkpoint} does not fit {model_name}: {err}") from None
+            from dad_core.serialization import state_dict_mismatch
+
+            raise TeacherCheckpointError(
+                f"{checkpoint} does not fit {model_name}: {state_dict_mismatch(err)}"
+            ) from None
     return freeze(teacher)
 
 
@@ -296,8 +293,13 @@ def _create_timm_teacher(spec: str, device: str | torch.device | None) -> nn.Mod
 
 
 def save_teacher_checkpoint(model: CLIPClassifier, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write a fine-tuned classifier (tower + head + class list) that ``create_clip_teacher`` loads."""
-    from dad_core.io import save_torch
+    """Write a fine-tuned classifier (tower + head + class list) that ``create_clip_teacher`` loads.
+
+    Safetensors, with the class list and settings as JSON metadata (:func:`dad_core.serialization.save_tree`),
+    so loading it can never run code.
+    """
+    from dad_core.io import atomic_path
+    from dad_core.serialization import save_tree
 
     blob = {
         "format": _CHECKPOINT_FORMAT,
@@ -307,4 +309,4 @@ def save_teacher_checkpoint(model: CLIPClassifier, path: str | Path, extra: dict
         "state_dict": model.state_dict(),
         **(extra or {}),
     }
-    return save_torch(blob, Path(path))
+    return atomic_path(Path(path), lambda tmp: save_tree(blob, tmp))

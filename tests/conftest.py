@@ -80,10 +80,47 @@ def digits_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def digits_teacher(digits_root, tmp_path_factory):
-    """The tiny CLIP teacher fine-tuned on the digits once per session."""
+    """The tiny CLIP teacher fine-tuned on the digits once per session (plain fine-tuning: quick and accurate)."""
     from dad_core.config import load_config
     from dad_core.finetune import finetune_teacher
 
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    finetune_teacher(load_config(None, ["finetune.epochs=4"]), digits_root, path, progress=False)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    overrides = ["finetune.epochs=4", "finetune.augment=none", "finetune.eval_suites=false"]
+    finetune_teacher(load_config(None, overrides), digits_root, path, progress=False)
     return path
+
+
+class _Payload:
+    """Unpickling this runs ``touch <marker>``: the live attack that a safe loader must never execute."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class PickleBomb:
+    """A marker path and a way to write torch files that run ``touch marker`` when fully unpickled."""
+
+    def __init__(self, folder) -> None:
+        self.marker = folder / "PAYLOAD_RAN"
+
+    def write(self, path, state=None):
+        """``torch.save`` a dict holding the payload (and ``state``) to ``path``; proves it is live first."""
+        import pickle
+
+        pickle.loads(pickle.dumps(_Payload(self.marker)))
+        assert self.marker.exists(), "the payload must run under plain pickle"
+        self.marker.unlink()
+        torch.save({**(state or {}), "payload": _Payload(self.marker)}, path)
+        return path
+
+    @property
+    def ran(self) -> bool:
+        return self.marker.exists()
+
+
+@pytest.fixture
+def pickle_bomb(tmp_path):
+    return PickleBomb(tmp_path)

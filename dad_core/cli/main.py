@@ -14,6 +14,7 @@ STEPS = {
     "evaluate": ("evaluate", "score a student on the clean and OOD suites"),
     "register": ("register", "log the student to MLflow and register a version (alias challenger)"),
     "promote": ("promote", "move the champion alias when the challenger wins the promotion gate"),
+    "convert-checkpoint": ("convert_checkpoint", "rewrite a trusted pickled checkpoint in the safe safetensors format"),
 }
 
 

@@ -26,6 +26,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="largest allowed drop of the clean metric (default: registry.clean_tolerance)",
     )
+    parser.add_argument("--version", default=None, help="the version to gate (default: the one holding 'challenger')")
     parser.add_argument(
         "--tracking-uri",
         default=None,
@@ -49,6 +50,7 @@ def _main(argv: list[str] | None) -> int:
         margin=reg.margin if args.margin is None else args.margin,
         clean_metric=args.clean_metric or reg.clean_metric,
         clean_tolerance=reg.clean_tolerance if args.clean_tolerance is None else args.clean_tolerance,
+        version=args.version,
         tracking_uri=args.tracking_uri or cfg.tracking.uri,
         timeout_s=cfg.tracking.timeout_s,
     )

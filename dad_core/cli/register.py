@@ -4,7 +4,8 @@
         --tag dad.dvc_rev=$(git rev-parse HEAD) [--alias challenger] [--tracking-uri http://mlflow:5000]
 
 Every numeric top-level key of the evaluation report is logged as a metric and kept on the version for the
-promotion gate (``dad promote``).
+promotion gate (``dad promote``); a report without the gate's two metrics (``registry.metric``,
+``registry.clean_metric``) is refused. ``--promote`` runs the gate for the new version at once.
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ from dad_core.errors import DADError
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dad register", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True, help="student checkpoint dir (state.pt + meta.json)")
+    parser.add_argument(
+        "--checkpoint", type=Path, required=True, help="student checkpoint dir (state.safetensors + meta.json)"
+    )
     parser.add_argument("--eval-report", type=Path, required=True, help="evaluation JSON (numeric top-level keys)")
     parser.add_argument("--name", default=None, help="registered model name (default: registry.model_name)")
     parser.add_argument("--alias", default="challenger", help="alias for the new version (default: challenger)")
     parser.add_argument(
         "--tag", dest="tags", action="append", default=[], metavar="K=V", help="version tag (repeatable)"
+    )
+    parser.add_argument(
+        "--promote", action="store_true", help="run the promotion gate (registry.*) for the new version right away"
     )
     parser.add_argument("--run-id", default=None, help="log the model in this MLflow run (e.g. the training run)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: tracking.uri, MLFLOW_TRACKING_URI)")
@@ -47,7 +53,7 @@ def _main(argv: list[str] | None) -> int:
     args = _parse_args(argv)
     cfg = config_from_args(args)
     setup_logging()
-    from dad_core.registry import load_eval_metrics, register_model
+    from dad_core.registry import Gate, load_eval_metrics, register_model
 
     result = register_model(
         args.checkpoint,
@@ -59,8 +65,12 @@ def _main(argv: list[str] | None) -> int:
         run_id=args.run_id,
         experiment=cfg.tracking.experiment,
         timeout_s=cfg.tracking.timeout_s,
+        gate=Gate.from_config(cfg.registry),
+        promote=args.promote,
     )
     print(f"name: {result['name']}\nversion: {result['version']}\nalias: {', '.join(result['aliases'])}")
+    if result["promotion"] is not None:
+        print(f"promotion: {result['promotion']['outcome']} ({result['promotion']['reason']})")
     print(f"model_uri: {result['model_uri']}\nrun_id: {result['run_id']}")
     if args.output is not None:
         write_report(result, args.output)

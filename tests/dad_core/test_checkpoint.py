@@ -59,9 +59,9 @@ def test_missing_or_incomplete_checkpoint_raises(tmp_path):
     ("name", "content"),
     [
         ("meta.json", b"{not json"),
-        ("state.pt", b"not a torch file"),  # unpickling error
-        ("state.pt", b""),  # EOF
-        ("state.pt", b"PK\x03\x04truncated zip"),
+        ("state.safetensors", b"not a safetensors file"),
+        ("state.safetensors", b""),  # empty
+        ("state.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{truncated"),
     ],
 )
 def test_corrupt_checkpoint_raises_checkpoint_error(tmp_path, name, content):
@@ -84,11 +84,11 @@ def test_overwrite_replaces_the_checkpoint_completely(tmp_path):
 def test_a_failed_overwrite_keeps_the_previous_complete_checkpoint(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "ckpt", {"x": torch.zeros(2)}, {"step": 1})
 
-    def killed(obj, f, *args, **kwargs):
-        f.write(b"partial")  # save_checkpoint hands torch.save an open file
+    def killed(obj, path):
+        path.write_bytes(b"partial")
         raise RuntimeError("killed while writing")
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", killed)
+    monkeypatch.setattr(checkpoint_module, "save_tree", killed)
     with pytest.raises(RuntimeError, match="killed"):
         save_checkpoint(tmp_path / "ckpt", {"x": torch.ones(2)}, {"step": 2})
     monkeypatch.undo()
@@ -96,3 +96,43 @@ def test_a_failed_overwrite_keeps_the_previous_complete_checkpoint(tmp_path, mon
     assert torch.equal(state["x"], torch.zeros(2))
     assert meta == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_training_state_round_trips_without_pickle(tmp_path):
+    """Optimizer state (int keys, tuples), numpy and Python RNG states survive the safetensors + JSON format."""
+    import random
+
+    import numpy as np
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), betas=(0.8, 0.9))
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    state = {"optimizer": optimizer.state_dict(), "numpy": np.random.get_state(), "python": random.getstate()}
+    save_checkpoint(tmp_path / "ckpt", state)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["meta.json", "state.safetensors"]
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    fresh = torch.optim.AdamW(model.parameters())
+    fresh.load_state_dict(loaded["optimizer"])
+    assert fresh.param_groups[0]["betas"] == (0.8, 0.9)
+    assert torch.equal(fresh.state[model.weight]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
+    np.random.set_state(loaded["numpy"])
+    random.setstate(loaded["python"])
+
+
+def test_legacy_state_pt_is_read_with_weights_only(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "ckpt" / "state.pt")
+    (tmp_path / "ckpt" / "meta.json").write_text("{}")
+    state, _ = load_checkpoint(tmp_path / "ckpt")
+    assert torch.equal(state["model"]["w"], torch.ones(2))
+
+
+def test_a_pickle_payload_in_a_checkpoint_never_runs(tmp_path, pickle_bomb):
+    (tmp_path / "ckpt").mkdir()
+    pickle_bomb.write(tmp_path / "ckpt" / "state.pt", {"model": {"w": torch.ones(2)}})
+    (tmp_path / "ckpt" / "meta.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"state\.pt: refused.*dad convert-checkpoint") as info:
+        load_checkpoint(tmp_path / "ckpt")
+    assert "\n" not in str(info.value)
+    assert not pickle_bomb.ran

@@ -15,6 +15,7 @@ import torch
 
 from dad_core.checkpoint import save_checkpoint
 from dad_core.config import TrackingConfig
+from dad_core.mlflow_model import load_student_model
 from dad_core.registry import (
     PromotionDecision,
     RegistryError,
@@ -42,7 +43,7 @@ def _clean_mlflow_state(monkeypatch):
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    """A student checkpoint as training writes it: ``state.pt`` + ``meta.json``; returns (dir, model)."""
+    """A student checkpoint as training writes it: ``state.safetensors`` + ``meta.json``; returns (dir, model)."""
     student = create_student("test_resnet", len(CLASSES), image_size=16).eval()
     meta = {"model": "test_resnet", "num_classes": 3, "image_size": 16, "classes": CLASSES, "teacher": "tiny-clip"}
     directory = save_checkpoint(tmp_path / "student", {"model": student.state_dict()}, meta)
@@ -85,13 +86,24 @@ def test_first_registration_is_challenger_and_champion_and_loads_identically(che
     }
 
     mlflow.set_tracking_uri(mlflow_sqlite_uri)
-    loaded = mlflow.pytorch.load_model("models:/student@champion")
+    loaded = load_student_model("models:/student@champion")
     images = torch.rand(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(images), checkpoint[1](images))
+        expected = checkpoint[1](images).argmax(-1).tolist()
+    predictions = mlflow.pyfunc.load_model("models:/student@champion").predict(images.numpy())
+    assert predictions["label"].tolist() == expected
+    assert predictions["class_id"].tolist() == [CLASSES[i] for i in expected]
     info = mlflow.models.get_model_info("models:/student@champion")
-    assert info.metadata["classes"] == CLASSES
-    assert info.metadata["preprocessing"]["image_size"] == 16
+    assert info.flavors["python_function"]["loader_module"] == "dad_core.mlflow_model"
+    assert set(info.flavors) == {"python_function"}  # no pytorch (pickle) flavor
+    model_info = json.loads(
+        Path(mlflow.artifacts.download_artifacts("models:/student@champion"))
+        .joinpath("data", "student", "model_info.json")
+        .read_text()
+    )
+    assert model_info["classes"] == CLASSES
+    assert model_info["preprocessing"]["image_size"] == 16
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 16, 16]
     requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/student/1")).read_text().split()
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements
@@ -171,7 +183,12 @@ def test_registry_errors_are_clear(checkpoint, mlflow_sqlite_uri, tmp_path):
     with pytest.raises(RegistryError, match="alias 'v2' is not valid"):
         _register(checkpoint, mlflow_sqlite_uri, 1.0, 1.0, alias="v2")
     with pytest.raises(FileNotFoundError, match="no student checkpoint"):
-        register_model(tmp_path / "missing", {}, name="student", tracking_uri=mlflow_sqlite_uri)
+        register_model(
+            tmp_path / "missing",
+            {"ood_mean_top1": 1.0, "clean_top1": 1.0},
+            name="student",
+            tracking_uri=mlflow_sqlite_uri,
+        )
     start = time.monotonic()
     with pytest.raises(TrackingError, match="does not answer"):
         promote("student", tracking_uri=f"http://127.0.0.1:{free_port()}", timeout_s=1.0)
@@ -248,9 +265,9 @@ def test_register_alias_and_load_through_a_server_with_s3_artifacts(checkpoint, 
     champion = _client(uri).get_model_version_by_alias("student", "champion")
     assert str(champion.version) == str(int(first["version"]) + 1)
     mlflow.set_tracking_uri(uri)
-    loaded = mlflow.pytorch.load_model("models:/student@champion")
+    loaded = load_student_model("models:/student@champion")
     images = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(images), checkpoint[1](images))
     keys = [o["Key"] for o in seaweedfs.client().list_objects_v2(Bucket="mlflow").get("Contents", [])]
-    assert any(key.endswith("/artifacts/data/model.pth") for key in keys), keys
+    assert any(key.endswith("/data/student/model.safetensors") for key in keys), keys

@@ -172,7 +172,7 @@ def finetuned(classifier):
 
 @pytest.fixture(scope="module")
 def finetuned_path(finetuned, tmp_path_factory):
-    return save_teacher_checkpoint(finetuned, tmp_path_factory.mktemp("teacher") / "teacher.pt", {"note": "x"})
+    return save_teacher_checkpoint(finetuned, tmp_path_factory.mktemp("teacher") / "teacher.safetensors", {"note": "x"})
 
 
 @pytest.mark.parametrize("classnames", [CLASSNAMES, None])
@@ -199,8 +199,8 @@ def test_saved_teacher_with_another_class_list_is_refused(finetuned_path):
         ({"weight": torch.zeros(2)}, "not a teacher checkpoint"),  # a dict of some other model
         (torch.zeros(3), "not a teacher checkpoint"),  # not a dict at all
         ([1, 2], "not a teacher checkpoint"),
-        (b"this is not a checkpoint", "not a readable checkpoint"),
-        (b"", "not a readable checkpoint"),
+        (b"this is not a checkpoint", "not a readable"),
+        (b"", "not a readable"),
     ],
 )
 def test_non_teacher_files_error_clearly(tmp_path, payload, match):
