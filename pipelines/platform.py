@@ -20,8 +20,15 @@ MLFLOW_ARTIFACTS_BUCKET = "mlflow-artifacts"  # written by the MLflow server onl
 DVC_BUCKET = "dvc-store"  # the DVC remote: s3://dvc-store/...
 
 MLFLOW_TRACKING_URI = "http://mlflow.dad.svc.cluster.local:5000"
+# MLflow basic-auth credentials of the steps and training pods. Only k8s/overlays/prod creates this Secret (its MLflow
+# requires a login); dev's MLflow has no authentication and no such Secret, so pods use it only where it exists.
+MLFLOW_SECRET = "dad-mlflow-credentials"
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # the Secret's keys, also the env vars
 TRAINING_RUNTIME = "dad-torch-distributed"  # a ClusterTrainingRuntime (cluster-scoped)
 
 # Pods with this label may reach MLflow and the object store (k8s/base/network-policies.yaml).
 # Every pipeline step sets it; the training runtime sets it on the training pods.
 CLIENT_POD_LABEL = ("dad.kubeflow/role", "client")
+
+# uid and gid of the project image's non-root user "dad" (Dockerfile): pipeline steps and training pods run as it.
+RUN_AS_USER = 10001

@@ -34,8 +34,17 @@ KUBERNETES_VERSION = "1.33"  # the oldest Kubernetes minor the manifests must va
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
-EXAMPLE_SECRETS = "../../base/secrets/example"  # the components line every overlay ships with
-NON_SECRET_KEYS = {"POSTGRES_USER", "POSTGRES_DB"}  # settings that live in the secret files, not secrets
+EXAMPLE_SECRETS = "../../base/secrets/example"  # the components line of overlays that ship with placeholders
+EXAMPLE_OVERLAYS = [o for o in OVERLAYS if EXAMPLE_SECRETS in (K8S / "overlays" / o / "kustomization.yaml").read_text()]
+NON_SECRET_KEYS = {"POSTGRES_USER", "POSTGRES_DB", "MLFLOW_TRACKING_USERNAME"}  # settings in the secret files
+PROD_SECRETS = K8S / "overlays" / "prod" / "secrets"  # prod's git-ignored secret files
+# What the tests write into a copy of prod's secrets/ (values no committed file holds).
+PROD_TEST_SECRETS = {
+    "postgres.env": {"POSTGRES_USER": "mlflow", "POSTGRES_PASSWORD": "pg-test-only-3f9a", "POSTGRES_DB": "mlflow"},
+    "s3.env": {"AWS_ACCESS_KEY_ID": "s3-test-only-id", "AWS_SECRET_ACCESS_KEY": "s3-test-only-key-77c1"},
+    "mlflow.env": {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "mlflow-test-only-5b2e"},
+    "mlflow-server.env": {"MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-test-only-0d4c"},
+}
 POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 
 
@@ -55,6 +64,17 @@ def _render(overlay_dir: Path) -> list[dict]:
     result = subprocess.run([_kubectl(), "kustomize", str(overlay_dir)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"kubectl kustomize {overlay_dir} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def _copy_with_prod_secrets(root: Path, secrets: dict[str, dict[str, str]] = PROD_TEST_SECRETS) -> Path:
+    """A copy of k8s/ under ``root`` whose prod overlay has exactly the given secret files; returns that overlay."""
+    tree = root / "k8s"
+    shutil.copytree(K8S, tree)
+    for real in (tree / "overlays" / "prod" / "secrets").glob("*.env"):
+        real.unlink()  # a checkout with real secret files must not leak them into the tests
+    for name, values in secrets.items():
+        (tree / "overlays" / "prod" / "secrets" / name).write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    return tree / "overlays" / "prod"
 
 
 def _load_module(path: Path, name: str) -> types.ModuleType:
@@ -141,8 +161,16 @@ def platform() -> types.ModuleType:
     return _load_module(REPO / "pipelines" / "platform.py", "dad_platform_under_test")
 
 
+@pytest.fixture(scope="module")
+def prod(tmp_path_factory) -> list[dict]:
+    """prod, rendered from a copy of k8s/ with test secret files (the real ones are not in the repository)."""
+    return _render(_copy_with_prod_secrets(tmp_path_factory.mktemp("prod")))
+
+
 @pytest.fixture(scope="module", params=OVERLAYS)
 def rendered(request) -> list[dict]:
+    if request.param == "prod":
+        return request.getfixturevalue("prod")
     return _render(K8S / "overlays" / request.param)
 
 
@@ -397,32 +425,164 @@ def test_training_runtime_name_image_and_environment(rendered, platform, monkeyp
     assert template["metadata"]["labels"][key] == value
 
 
-def test_network_policies(rendered, platform):
-    policies = {o["metadata"]["name"]: o["spec"] for o in rendered if o["kind"] == "NetworkPolicy"}
-    deny_all = [p for p in policies.values() if p["podSelector"] == {} and p["policyTypes"] == ["Ingress"]]
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    """Whether a label selector picks an object with these labels (the operators the manifests use)."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator = expression["key"], expression["operator"]
+        assert operator in ("Exists", "In"), operator
+        if key not in labels or operator == "In" and labels[key] not in expression["values"]:
+            return False
+    return True
+
+
+def _peer_matches(peer: dict, labels: dict[str, str] | None, namespace: str, address: str | None) -> bool:
+    if "ipBlock" in peer:
+        import ipaddress
+
+        if address is None:
+            return False
+        block = peer["ipBlock"]
+        ip = ipaddress.ip_address(address)
+        inside = ip in ipaddress.ip_network(block["cidr"])
+        return inside and not any(ip in ipaddress.ip_network(e) for e in block.get("except", []))
+    if labels is None:
+        return False  # the peer is an address, not a pod
+    if "namespaceSelector" in peer:
+        if not _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": namespace}):
+            return False
+    elif namespace != "dad":
+        return False
+    return _selects(peer.get("podSelector", {}), labels)
+
+
+def _allowed(
+    policies: list[dict], direction: str, pod: dict[str, str], port: int, protocol: str = "TCP", **peer
+) -> bool:
+    """NetworkPolicy semantics for one direction: some policy selecting ``pod`` admits the peer on this port.
+
+    ``peer``: ``labels`` (a pod) and ``namespace`` (default dad), or ``address`` (an IP outside any pod).
+    """
+    labels, namespace, address = peer.get("labels"), peer.get("namespace", "dad"), peer.get("address")
+    kind, key, peers_key = ("Egress", "egress", "to") if direction == "egress" else ("Ingress", "ingress", "from")
+    selecting = [p for p in policies if kind in p["policyTypes"] and _selects(p["podSelector"], pod)]
+    assert selecting, f"no {kind} policy selects {pod}: the default-deny policy must"
+    for policy in selecting:
+        for rule in policy.get(key, []):
+            ports = rule.get("ports")
+            if ports is not None and not any(
+                p.get("port") == port and p.get("protocol", "TCP") == protocol for p in ports
+            ):
+                continue
+            peers = rule.get(peers_key)
+            if peers is None or any(_peer_matches(p, labels, namespace, address) for p in peers):
+                return True
+    return False
+
+
+def _connects(policies: list[dict], source: dict[str, str], target: dict[str, str], port: int) -> bool:
+    """A connection between two pods of namespace dad: the source's egress and the target's ingress."""
+    return _allowed(policies, "egress", source, port, labels=target) and _allowed(
+        policies, "ingress", target, port, labels=source
+    )
+
+
+def _network_pods(rendered: list[dict], platform) -> dict[str, dict[str, str]]:
+    """Labels of each kind of pod the stack runs, including what Argo and JobSet add to theirs."""
+    templates = {owner: t["metadata"].get("labels", {}) for owner, t in _pod_templates(rendered)}
+    runtime = templates[f"ClusterTrainingRuntime/{platform.TRAINING_RUNTIME}"]
+    workflow = {"workflows.argoproj.io/workflow": "dad-pipeline-x7k2p"}
+    return {
+        "mlflow": templates["Deployment/mlflow"],
+        "postgres": templates["StatefulSet/postgres"],
+        "seaweedfs": templates["Deployment/seaweedfs"],
+        "buckets": templates["Job/seaweedfs-buckets"],
+        "step": {**workflow, **dict([platform.CLIENT_POD_LABEL])},  # a pipeline step, the training launcher too
+        "driver": workflow,  # a KFP driver pod: no client label
+        "training": {**runtime, "jobset.sigs.k8s.io/jobset-name": "dad-train-x7k2p"},
+        "stranger": {"app": "notebook"},  # anything else someone runs in the namespace
+    }
+
+
+def test_network_policies_deny_everything_by_default(rendered):
+    policies = [o["spec"] for o in rendered if o["kind"] == "NetworkPolicy"]
+    deny_all = [p for p in policies if p["podSelector"] == {} and set(p["policyTypes"]) == {"Ingress", "Egress"}]
     assert deny_all
-    assert all("ingress" not in p for p in deny_all)
+    assert all("ingress" not in p and "egress" not in p for p in deny_all)
+    # Every pod is selected for both directions, so whatever no policy allows is refused.
+    for selector in [p["podSelector"] for p in deny_all]:
+        assert _selects(selector, {})
 
-    def allowed_sources(app: str, port: int) -> list[dict]:
-        sources = []
-        for spec in policies.values():
-            if spec["podSelector"].get("matchLabels") == {"app.kubernetes.io/name": app}:
-                for rule in spec["ingress"]:
-                    if "ports" not in rule or port in [p["port"] for p in rule["ports"]]:
-                        sources += [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
-        return sources
 
-    client = dict([platform.CLIENT_POD_LABEL])
-    mlflow = {"app.kubernetes.io/name": "mlflow"}
-    assert client in allowed_sources("mlflow", 5000)
-    assert allowed_sources("postgres", 5432) == [mlflow]
-    s3_sources = allowed_sources("seaweedfs", 8333)
-    for source in (mlflow, client, {"app.kubernetes.io/name": "seaweedfs-buckets"}):
-        assert source in s3_sources
-    # Every label selector picks pods that the manifests actually deploy.
+def test_network_policies_allow_what_the_stack_needs(rendered, platform):
+    policies = [o["spec"] for o in rendered if o["kind"] == "NetworkPolicy"]
+    pods = _network_pods(rendered, platform)
+    mlflow_port = urlsplit(platform.MLFLOW_TRACKING_URI).port
+    s3_port = urlsplit(platform.S3_ENDPOINT_URL).port
+    # DNS, for every pod, to the cluster DNS in kube-system.
+    dns = {"labels": {"k8s-app": "kube-dns"}, "namespace": "kube-system"}
+    for pod in pods.values():
+        for protocol in ("UDP", "TCP"):
+            assert _allowed(policies, "egress", pod, 53, protocol, **dns), pod
+    # MLflow: client pods and MLflow itself.
+    for source in ("step", "training", "mlflow"):
+        assert _connects(policies, pods[source], pods["mlflow"], mlflow_port), source
+    # PostgreSQL: MLflow only.
+    assert _connects(policies, pods["mlflow"], pods["postgres"], 5432)
+    # The S3 API: MLflow, client pods and the bucket Job; the bucket Job also uses master and filer.
+    for source in ("mlflow", "step", "training", "buckets"):
+        assert _connects(policies, pods[source], pods["seaweedfs"], s3_port), source
+    for port in (9333, 19333, 8888, 18888):
+        assert _connects(policies, pods["buckets"], pods["seaweedfs"], port), port
+    assert _connects(policies, pods["seaweedfs"], pods["seaweedfs"], 18080)  # its components, by pod IP
+    # Training nodes: rendezvous and NCCL on any port.
+    for port in (29500, 41234):
+        assert _connects(policies, pods["training"], pods["training"], port)
+    # Kubeflow Pipelines' pods: the Kubernetes API (by port: its address is cluster-specific) and Kubeflow.
+    for source in ("step", "driver"):
+        for port in (443, 6443):
+            assert _allowed(policies, "egress", pods[source], port, address="10.96.0.1"), (source, port)
+        kubeflow = {"labels": {"app": "ml-pipeline"}, "namespace": "kubeflow"}
+        assert _allowed(policies, "egress", pods[source], 8887, **kubeflow), source
+    # Pretrained weights over HTTPS from outside the cluster, for client pods.
+    for source in ("step", "training"):
+        assert _allowed(policies, "egress", pods[source], 443, address="18.164.52.75"), source
+
+
+def test_network_policies_refuse_the_rest(rendered, platform):
+    policies = [o["spec"] for o in rendered if o["kind"] == "NetworkPolicy"]
+    pods = _network_pods(rendered, platform)
+    mlflow_port = urlsplit(platform.MLFLOW_TRACKING_URI).port
+    s3_port = urlsplit(platform.S3_ENDPOINT_URL).port
+    for source in ("step", "training", "buckets", "seaweedfs", "stranger", "driver"):
+        assert not _connects(policies, pods[source], pods["postgres"], 5432), source
+    for source in ("stranger", "driver", "buckets", "postgres"):
+        assert not _connects(policies, pods[source], pods["mlflow"], mlflow_port), source
+    for source in ("stranger", "driver", "postgres"):
+        assert not _connects(policies, pods[source], pods["seaweedfs"], s3_port), source
+    assert not _connects(policies, pods["step"], pods["seaweedfs"], 9333)  # master and filer: the bucket Job only
+    assert not _connects(policies, pods["step"], pods["training"], 29500)
+    for source in ("mlflow", "postgres", "seaweedfs", "buckets", "training", "stranger"):
+        assert not _allowed(policies, "egress", pods[source], 6443, address="10.96.0.1"), source
+    for source in ("mlflow", "postgres", "seaweedfs", "buckets", "stranger"):
+        assert not _allowed(policies, "egress", pods[source], 443, address="18.164.52.75"), source
+    for source in ("training", "stranger"):
+        kubeflow = {"labels": {"app": "ml-pipeline"}, "namespace": "kubeflow"}
+        assert not _allowed(policies, "egress", pods[source], 8887, **kubeflow), source
+    # Client pods' HTTPS allowance leaves the cluster only: not other pods' or private addresses.
+    assert not _allowed(policies, "egress", pods["training"], 443, address="10.12.0.7")
+    assert not _allowed(policies, "egress", pods["step"], 80, address="18.164.52.75")
+    assert not _allowed(policies, "egress", pods["stranger"], 53, "UDP", address="8.8.8.8")
+
+
+def test_network_policy_selectors_pick_deployed_pods(rendered):
+    policies = [o["spec"] for o in rendered if o["kind"] == "NetworkPolicy"]
     pod_labels = [t["metadata"].get("labels", {}) for _, t in _pod_templates(rendered)]
-    for spec in policies.values():
-        selectors = [spec["podSelector"]] + [p["podSelector"] for r in spec.get("ingress", []) for p in r["from"]]
+    for spec in policies:
+        peers = [p for r in spec.get("ingress", []) for p in r["from"]]
+        peers += [p for r in spec.get("egress", []) for p in r.get("to", [])]
+        selectors = [spec["podSelector"]] + [p["podSelector"] for p in peers if "podSelector" in p and len(p) == 1]
         for selector in selectors:
             if "matchLabels" in selector:
                 wanted = selector["matchLabels"].items()
@@ -446,7 +606,7 @@ def test_services_and_references_resolve(rendered):
             for env in container.get("env", []):
                 for ref_kind, kind in (("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap")):
                     ref = env.get("valueFrom", {}).get(ref_kind)
-                    if ref:
+                    if ref and not ref.get("optional"):
                         assert ref["key"] in data.get((kind, ref["name"]), {}), (owner, env["name"])
         claims = [
             v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v
@@ -458,8 +618,9 @@ def test_services_and_references_resolve(rendered):
 # --- secrets -----------------------------------------------------------------------------------
 
 
-def test_committed_secrets_hold_only_placeholders(rendered):
-    secrets = [o for o in rendered if o["kind"] == "Secret"]
+@pytest.mark.parametrize("overlay", EXAMPLE_OVERLAYS)
+def test_committed_secrets_hold_only_placeholders(overlay):
+    secrets = [o for o in _render(K8S / "overlays" / overlay) if o["kind"] == "Secret"]
     assert secrets
     for secret in secrets:
         for key, value in _secret_data(secret).items():
@@ -477,9 +638,13 @@ def test_real_secret_files_are_git_ignored():
         real = K8S / "base" / "secrets" / example.stem
         assert ignored(str(real.relative_to(REPO))), real
         assert not ignored(str(example.relative_to(REPO))), example
+    for name in PROD_TEST_SECRETS:
+        assert ignored(str((PROD_SECRETS / name).relative_to(REPO))), name
+    for example in PROD_SECRETS.glob("*.example"):
+        assert not ignored(str(example.relative_to(REPO))), example
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", EXAMPLE_OVERLAYS)
 def test_real_secret_component_renders_like_the_examples(tmp_path, overlay):
     """The documented switch: real files made from the examples give exactly the example render."""
     shutil.copytree(K8S, tmp_path / "k8s")
@@ -491,6 +656,113 @@ def test_real_secret_component_renders_like_the_examples(tmp_path, overlay):
     assert text.count(f"- {EXAMPLE_SECRETS}\n") == 1
     kustomization.write_text(text.replace(f"- {EXAMPLE_SECRETS}\n", "- ../../base/secrets\n"))
     assert _render(kustomization.parent) == _render(K8S / "overlays" / overlay)
+
+
+def test_prod_ships_no_placeholders_and_lists_its_secret_files():
+    text = (K8S / "overlays" / "prod" / "kustomization.yaml").read_text()
+    assert "secrets/example" not in text and ".example" not in text
+    listed = set(re.findall(r"secrets/([\w.-]+\.env)", text))
+    assert listed == set(PROD_TEST_SECRETS)
+    examples = {p.name for p in (K8S / "base" / "secrets" / "example").glob("*.example")}
+    examples |= {p.name for p in PROD_SECRETS.glob("*.example")}
+    assert {f"{name}.example" for name in listed} <= examples  # each has a template to copy from
+
+
+@pytest.mark.parametrize("missing", sorted(PROD_TEST_SECRETS))
+def test_prod_refuses_to_render_without_its_secret_files(tmp_path, missing):
+    secrets = {name: values for name, values in PROD_TEST_SECRETS.items() if name != missing}
+    overlay = _copy_with_prod_secrets(tmp_path, secrets)
+    result = subprocess.run([_kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"secrets/{missing}" in result.stderr and "no such file" in result.stderr, result.stderr
+    assert "change-me" not in result.stdout
+
+
+def test_prod_secrets_come_from_the_files_and_hold_no_placeholder(prod, dev):
+    placeholders = {
+        value
+        for secret in dev
+        if secret["kind"] == "Secret"
+        for key, value in _secret_data(secret).items()
+        if key not in NON_SECRET_KEYS
+    }
+    for template in [*(K8S / "base" / "secrets" / "example").glob("*.example"), *PROD_SECRETS.glob("*.example")]:
+        for line in template.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not line.startswith("#") and key not in NON_SECRET_KEYS:
+                placeholders.add(value)
+    assert placeholders
+    expected = {k: v for values in PROD_TEST_SECRETS.values() for k, v in values.items()}
+    secrets = [o for o in prod if o["kind"] == "Secret"]
+    assert {k for s in secrets for k in _secret_data(s)} == set(expected)
+    for secret in secrets:
+        for key, value in _secret_data(secret).items():
+            assert value == expected[key], f"{secret['metadata']['name']}/{key}"
+            assert value not in placeholders and "change-me" not in value, f"{secret['metadata']['name']}/{key}"
+
+
+def test_prod_mlflow_requires_a_login_from_a_secret(prod, platform):
+    pod = _find(prod, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "mlflow")
+    assert "--app-name=basic-auth" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    config_path = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    for variable, key in (
+        ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_TRACKING_USERNAME"),
+        ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD"),
+    ):
+        assert env[variable]["valueFrom"]["secretKeyRef"] == {"name": platform.MLFLOW_SECRET, "key": key}
+    flask_key = env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]
+    assert _secret_data(_find(prod, "Secret", flask_key["name"]))[flask_key["key"]]
+    credentials = _find(prod, "Secret", platform.MLFLOW_SECRET)  # exact name: the pipeline mounts it by name
+    assert sorted(_secret_data(credentials)) == sorted(platform.MLFLOW_SECRET_KEYS)
+    # The ini is written at start, from the PostgreSQL Secret, into the volume MLflow reads it from.
+    (init,) = [c for c in pod["initContainers"] if c["name"] == "render-auth-config"]
+    assert _container_env(init)["MLFLOW_AUTH_CONFIG_PATH"] == config_path
+    assert _container_env(init)["AUTH_DATABASE_URI"].startswith("postgresql://")
+    mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+    assert {m["mountPath"]: m["name"] for m in container["volumeMounts"]}[str(Path(config_path).parent)] == mounts[
+        str(Path(config_path).parent)
+    ]
+    # Training pods log in with the same Secret.
+    runtime = _find(prod, "ClusterTrainingRuntime", platform.TRAINING_RUNTIME)
+    runtime_env = {e["name"]: e for e in _runtime_pod_template(runtime)["spec"]["containers"][0]["env"]}
+    for key in platform.MLFLOW_SECRET_KEYS:
+        assert runtime_env[key]["valueFrom"]["secretKeyRef"]["name"] == platform.MLFLOW_SECRET
+
+
+def test_prod_mlflow_auth_config_script(prod, tmp_path):
+    """The init container's script writes an ini with the settings of MLflow's own basic_auth.ini, readable only by it.
+
+    Compared with the ini MLflow ships rather than read by ``mlflow.server.auth``, which needs Flask-WTF (the
+    ``mlflow[auth]`` extra, in the server's image but not here) just to import.
+    """
+    import configparser
+
+    spec = importlib.util.find_spec("mlflow")
+    if spec is None or spec.origin is None:
+        pytest.skip("mlflow not installed")
+    shipped = configparser.ConfigParser()
+    shipped.read(Path(spec.origin).parent / "server" / "auth" / "basic_auth.ini")
+    pod = _find(prod, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    (init,) = [c for c in pod["initContainers"] if c["name"] == "render-auth-config"]
+    uri = "postgresql://mlflow:pw@postgres.dad.svc.cluster.local:5432/mlflow"
+    ini = tmp_path / "basic_auth.ini"
+    env = {"PATH": "/usr/bin:/bin", "AUTH_DATABASE_URI": uri, "MLFLOW_AUTH_CONFIG_PATH": str(ini)}
+    result = subprocess.run(["/bin/sh", "-c", init["args"][0]], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert ini.stat().st_mode & 0o077 == 0
+    written = configparser.ConfigParser()
+    written.read(ini)
+    assert written["mlflow"]["database_uri"] == uri
+    assert set(written["mlflow"]) <= set(shipped["mlflow"])
+    assert written["mlflow"]["authorization_function"] == shipped["mlflow"]["authorization_function"]
+    assert "admin_password" not in written["mlflow"]  # it comes from the Secret, as MLFLOW_AUTH_ADMIN_PASSWORD
+
+
+def test_dev_mlflow_has_no_login(dev):
+    container = _find(dev, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    assert not [a for a in container["args"] if a.startswith("--app-name")]
 
 
 # --- pod hardening -----------------------------------------------------------------------------
@@ -534,8 +806,7 @@ def test_dev_is_small_and_cpu_only(dev):
             assert "nvidia.com/gpu" not in container["resources"]["limits"], owner
 
 
-def test_prod_training_pods_get_gpus():
-    prod = _render(K8S / "overlays" / "prod")
+def test_prod_training_pods_get_gpus(prod):
     pod = _runtime_pod_template(_find(prod, "ClusterTrainingRuntime", "dad-torch-distributed"))["spec"]
     assert int(pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
