@@ -7,6 +7,10 @@ that use it: importing this module needs no MLflow and no server.
 
 An HTTP tracking server is probed once at start (``GET <uri>/health``) under a short deadline: MLflow's own HTTP
 client retries a dead server for minutes, and a step should fail in seconds with a message that says what to do.
+
+Credentials never travel in a URI: :func:`tracking_credentials` takes ``user:password`` out of an ``http(s)`` URI
+and names the values of MLflow's own ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (the CLIs export
+them), the probe sends them as an ``Authorization`` header, and params, tags and messages show URIs redacted.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import re
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from base64 import b64encode
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dad_core.config import TrackingConfig
+from dad_core.config import TrackingConfig, redact_uri, split_userinfo
 from dad_core.distributed import getenv
 from dad_core.errors import DADError
 
@@ -43,6 +49,8 @@ __all__ = [
     "redact_uri",
     "resolve_tracking_uri",
     "retry",
+    "split_credentials",
+    "tracking_credentials",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -53,6 +61,7 @@ MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VALUE = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 _TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /:]")  # MLflow keys: alphanumerics, _ - . space / :
+_USERNAME, _PASSWORD, _TOKEN = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"
 
 
 class TrackingError(DADError):
@@ -116,15 +125,73 @@ def resolve_tracking_uri(uri: str | None) -> str | None:
     return uri or getenv("MLFLOW_TRACKING_URI") or None
 
 
-def redact_uri(uri: str) -> str:
-    """Hide a password in ``scheme://user:password@host`` before the URI goes into a message."""
-    return re.sub(r"//([^/@:]+):[^/@]+@", r"//\1:***@", uri)
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """Take ``user:password@`` out of a URI: ``http://u:p%40ss@host:5000`` -> ``("http://host:5000", "u", "p@ss")``.
+
+    User and password are percent-decoded (RFC 3986 userinfo); the userinfo ends at the *last* ``@`` before the first
+    ``/``, so a raw ``@`` in a password stays in the password. ``http://token@host`` gives a user and no password.
+
+    Returns:
+        ``(uri without userinfo, user or None, password or None)``; ``(uri, None, None)`` when it has none.
+    """
+    clean, userinfo = split_userinfo(uri)
+    if not userinfo:
+        return clean, None, None
+    user, colon, password = userinfo.partition(":")
+    return clean, urllib.parse.unquote(user) or None, urllib.parse.unquote(password) if colon else None
 
 
-def _probe(url: str, timeout: float) -> tuple[bool, str]:
+def _is_http(uri: str) -> bool:
+    return uri.lower().startswith(("http://", "https://"))
+
+
+def tracking_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """The URI to give MLflow, and the MLflow variables to export so that its HTTP client still authenticates.
+
+    Only ``http(s)`` URIs are split: a database URI (``postgresql://u:p@db/mlflow``) needs its password to connect
+    and is only ever written redacted. Variables already set to the same value are left out of the result.
+
+    Returns:
+        ``(uri without credentials, {"MLFLOW_TRACKING_USERNAME": ..., "MLFLOW_TRACKING_PASSWORD": ...})``.
+
+    Raises:
+        TrackingError: the URI's credentials differ from those already in the environment, or it has a user name
+            without a password (or the reverse) and the environment does not hold the other: MLflow sends basic
+            auth only with both.
+    """
+    if not _is_http(uri):
+        return uri, {}
+    clean, user, password = split_credentials(uri)
+    if user is None and password is None:
+        return clean, {}
+    found = {name: value for name, value in ((_USERNAME, user), (_PASSWORD, password)) if value is not None}
+    if any(getenv(name) not in (None, value) for name, value in found.items()):
+        raise TrackingError(
+            f"tracking URI {redact_uri(uri)} carries credentials that differ from {_USERNAME}/{_PASSWORD}: "
+            "keep only one of them"
+        )
+    if not all(found.get(name) or getenv(name) for name in (_USERNAME, _PASSWORD)):
+        raise TrackingError(
+            f"tracking URI {redact_uri(uri)} has a user name or a password without the other (MLflow needs both): "
+            f"write user:password, or set {_USERNAME}/{_PASSWORD} (or {_TOKEN} for a token, with no user in the URI)"
+        )
+    return clean, {name: value for name, value in found.items() if getenv(name) != value}
+
+
+def _auth_header(user: str | None, password: str | None) -> dict[str, str]:
+    """The ``Authorization`` header MLflow's client would send: basic from user and password, else a bearer token."""
+    user, password = user or getenv(_USERNAME), password or getenv(_PASSWORD)
+    if user and password:
+        return {"Authorization": "Basic " + b64encode(f"{user}:{password}".encode()).decode()}
+    token = getenv(_TOKEN)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _probe(url: str, timeout: float, headers: dict[str, str] | None = None) -> tuple[bool, str]:
     """One GET; (answered, reason). Any HTTP status below 500 counts as an answer (a 401 is a server, too)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        request = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return True, f"HTTP {response.status}"
     except urllib.error.HTTPError as err:
         return err.code < 500, f"HTTP {err.code}"
@@ -135,31 +202,35 @@ def _probe(url: str, timeout: float) -> tuple[bool, str]:
 def check_tracking_server(uri: str, timeout_s: float = 10.0, *, hint: str = "unset MLFLOW_TRACKING_URI") -> None:
     """Fail fast when an ``http(s)://`` tracking server does not answer ``GET <uri>/health``; other URIs pass.
 
-    Tries a few times with backoff (0.25 s, 0.5 s, 1 s, ...) until ``timeout_s`` has passed.
+    Tries a few times with backoff (0.25 s, 0.5 s, 1 s, ...) until ``timeout_s`` has passed. Credentials in ``uri``
+    (or in ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN``) go in an ``Authorization`` header: name resolution
+    and the request line only ever see the bare URI.
 
     Raises:
         TrackingError: no answer before the deadline.
     """
-    if not uri.startswith(("http://", "https://")):
+    if not _is_http(uri):
         return
-    url = uri.rstrip("/") + "/health"
+    clean, user, password = split_credentials(uri)
+    url, headers = clean.rstrip("/") + "/health", _auth_header(user, password)
     deadline = time.monotonic() + timeout_s
     delay, reason = 0.25, "no attempt"
     for _ in range(6):
-        answered, reason = _probe(url, timeout=max(0.1, deadline - time.monotonic()))
+        answered, reason = _probe(url, timeout=max(0.1, deadline - time.monotonic()), headers=headers)
         if answered:
             return
         if time.monotonic() + delay >= deadline:
             break
         time.sleep(delay)
         delay *= 2
-    raise TrackingError(f"MLflow tracking server at {redact_uri(uri)} does not answer ({reason}): start it or {hint}")
+    raise TrackingError(f"MLflow tracking server at {clean} does not answer ({reason}): start it or {hint}")
 
 
 def flatten_params(params: Any, prefix: str = "") -> dict[str, str]:
     """Flatten a (nested) dict or dataclass into dotted keys with string values, as MLflow params hold them.
 
-    Lists become JSON; values longer than MLflow's limit (6000 characters) are cut and end in ``...``.
+    Lists become JSON; values longer than MLflow's limit (6000 characters) are cut and end in ``...``. A value that is
+    a URI with credentials is logged redacted (``http://***@host``).
     """
     if dataclasses.is_dataclass(params) and not isinstance(params, type):
         params = dataclasses.asdict(params)
@@ -171,7 +242,7 @@ def flatten_params(params: Any, prefix: str = "") -> dict[str, str]:
         if isinstance(value, Mapping) and value:
             flat.update(flatten_params(value, f"{name}."))
             continue
-        text = json.dumps(value) if isinstance(value, list | tuple | Mapping) else str(value)
+        text = json.dumps(value) if isinstance(value, list | tuple | Mapping) else redact_uri(str(value))
         flat[mlflow_key(name)] = text if len(text) <= MAX_PARAM_VALUE else text[: MAX_PARAM_VALUE - 3] + "..."
     return flat
 
@@ -421,7 +492,7 @@ class MLflowTracker(Tracker):
         from mlflow.entities import RunTag
 
         if tags:
-            self._batch(tags=[RunTag(mlflow_key(k), str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()])
+            self._batch(tags=[RunTag(mlflow_key(k), redact_uri(str(v))[:MAX_TAG_VALUE]) for k, v in tags.items()])
 
     def _batch(self, **entities: Any) -> None:
         retry(lambda: self._client.log_batch(self._run_id, **entities))
@@ -478,15 +549,23 @@ def create_tracker(
         The tracker; use it as a context manager so an exception marks the run FAILED.
 
     Raises:
-        TrackingError: the tracking server does not answer within ``cfg.timeout_s``, or refuses the run.
+        TrackingError: the tracking server does not answer within ``cfg.timeout_s``, or refuses the run; or the URI
+            carries credentials that are not in ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` (the library does not
+            write the environment: the CLIs move them there, see ``dad_core.cli._common``).
     """
     uri = resolve_tracking_uri(cfg.uri)
     if not primary or uri is None:
         return NullTracker()
+    clean, missing = tracking_credentials(uri)
+    if missing:
+        raise TrackingError(
+            f"tracking URI {redact_uri(uri)} carries credentials: set {_USERNAME}/{_PASSWORD} instead "
+            "(the dad CLIs do this for you)"
+        )
     hint = "fix tracking.uri" if cfg.uri else "unset MLFLOW_TRACKING_URI"
-    check_tracking_server(uri, cfg.timeout_s, hint=hint)
+    check_tracking_server(clean, cfg.timeout_s, hint=hint)
     tracker = MLflowTracker(
-        uri,
+        clean,
         cfg.experiment,
         run_name=run_name,
         run_id=run_id,

@@ -1,10 +1,15 @@
-"""Shared CLI plumbing: config arguments, logging set-up, JSON reports. Only ``cli/`` configures logging."""
+"""Shared CLI plumbing: config arguments, logging set-up, JSON reports. Only ``cli/`` configures logging.
+
+It is also where tracking credentials leave the URIs: only ``cli/`` (and ``distributed.py``) touch the environment.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +21,7 @@ __all__ = [
     "add_config_args",
     "add_step_args",
     "config_from_args",
+    "export_tracking_credentials",
     "fail",
     "report_path",
     "run_main",
@@ -61,10 +67,48 @@ def report_path(args: argparse.Namespace) -> Path:
 
 
 def config_from_args(args: argparse.Namespace) -> DADConfig:
+    """The config from ``--config`` (else ``params.yaml`` if present) and ``--param``, its tracking URI bare.
+
+    Raises:
+        ConfigError: an unknown key or a bad value.
+        TrackingError: a tracking URI's credentials conflict with the environment's.
+    """
     path = args.config
     if path is None and Path("params.yaml").is_file():
         path = Path("params.yaml")
-    return load_config(path, args.params)
+    return export_tracking_credentials(load_config(path, args.params), args)
+
+
+def export_tracking_credentials(cfg: DADConfig, args: argparse.Namespace | None = None) -> DADConfig:
+    """Move ``user:password`` out of the tracking URIs into ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``.
+
+    Covers ``tracking.uri``, ``--tracking-uri`` (``args.tracking_uri``, rewritten in place) and
+    ``MLFLOW_TRACKING_URI``. MLflow's HTTP client reads the two variables itself, so the run authenticates while
+    config.yaml, params, logs, name lookups and child processes only ever see the bare URI.
+
+    Returns:
+        ``cfg`` with ``tracking.uri`` bare.
+
+    Raises:
+        TrackingError: the URI's credentials differ from the variables already set, or half of them is missing.
+    """
+    option = getattr(args, "tracking_uri", None)
+    if not (cfg.tracking.uri or option or os.environ.get("MLFLOW_TRACKING_URI")):
+        return cfg
+    from dad_core.tracking import tracking_credentials  # imports torch: only when tracking is on
+
+    def bare(uri: str) -> str:
+        clean, credentials = tracking_credentials(uri)
+        os.environ.update(credentials)
+        return clean
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = bare(os.environ["MLFLOW_TRACKING_URI"])
+    if option:
+        args.tracking_uri = bare(option)
+    if not cfg.tracking.uri:
+        return cfg
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=bare(cfg.tracking.uri)))
 
 
 def _quiet_open_clip(record: logging.LogRecord) -> bool:
@@ -98,7 +142,7 @@ def write_report(report: dict[str, Any], path: Path) -> Path:
 
 def fail(message: str) -> int:
     """Print a one-line error that says what to fix; return the exit code."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, whatever the message holds
     return 2
 
 
