@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "COMPILE_MODES",
     "Timing",
     "add_common_args",
     "add_row_ratios",
@@ -43,6 +44,7 @@ __all__ = [
     "resolve_device",
     "selected_rows",
     "setup",
+    "split_compile_mode",
     "time_fn",
     "to_json",
 ]
@@ -59,6 +61,20 @@ ROW_COLUMNS = (
     "ratio",
     "compile_s",
 )
+
+
+# Row-name suffixes of the torch.compile rows and the mode each passes to ``torch.compile``: ``max-autotune``
+# benchmarks Triton/cuBLAS kernel choices while compiling (minutes on the full shapes), ``reduce-overhead``
+# replays the compiled graphs as CUDA graphs (no per-kernel launch cost; needs static shapes, which these are).
+COMPILE_MODES = {"-compiled": "default", "-autotune": "max-autotune", "-cudagraphs": "reduce-overhead"}
+
+
+def split_compile_mode(name: str) -> tuple[str, str | None]:
+    """``("product", "max-autotune")`` for ``product-autotune``; ``(name, None)`` for an uncompiled row."""
+    for suffix, mode in COMPILE_MODES.items():
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), mode
+    return name, None
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, rows: tuple[str, ...], default_rows: tuple[str, ...]) -> None:

@@ -18,6 +18,9 @@ the clean and the DAD image (DESIGN §3.3). Rows:
 * ``product-compiled``, ``product-bf16-decoder-compiled``, ``product-bf16-compiled`` (``--compile``): the product
   rows with ``torch.compile`` on the VQGAN encoder/decoder and teacher, what ``cache.compile: true`` does (the other
   rows are ``cache.compile: false``).
+* ``product-autotune``, ``product-bf16-autotune``, ``product-cudagraphs``, ``product-bf16-cudagraphs`` (``--rows``,
+  or ``run_all --compile`` while the budget lasts): the compiled rows with the VQGAN encoder/decoder compiled with
+  ``mode="max-autotune"`` or ``mode="reduce-overhead"`` (CUDA graphs) instead of the default mode; GPU rows.
 
 Agreement with ``naive-fp32`` on the same batch and random start: max/mean abs difference of the DAD images, and
 the fraction of VQ codes that agree for ``VQ(x)`` and for the final ``VQ(x_adv)`` (near-ties may differ).
@@ -49,7 +52,11 @@ from bench import _common as common  # noqa: E402
 # product rows and the vqgan.precision they run with
 PRODUCT_PRECISION = {"product": "fp32", "product-bf16-decoder": "bf16-decoder", "product-bf16": "bf16"}
 DEFAULT_ROWS = ("naive-fp32", "naive-bf16", *PRODUCT_PRECISION, "cache-shard")
-ROWS = (*DEFAULT_ROWS, *(f"{name}-compiled" for name in PRODUCT_PRECISION))
+COMPILED_ROWS = (
+    *(f"{name}-compiled" for name in PRODUCT_PRECISION),
+    *(f"{name}-{mode}" for mode in ("autotune", "cudagraphs") for name in ("product", "product-bf16")),
+)
+ROWS = (*DEFAULT_ROWS, *COMPILED_ROWS)
 BASELINE = "naive-fp32"
 TARGET = 2.5  # DESIGN §6: DAD sample generation at least 2.5x the naive step on the same GPU
 TINY = dict(teacher="dad-tiny-clip", num_classes=10, vqgan="tiny-f4", image_size=32, batch_size=16, views=2)
@@ -189,10 +196,11 @@ def recorded_codes(vqgan: nn.Module) -> Iterator[list[Tensor]]:
 
 
 @contextlib.contextmanager
-def compiled(teacher: nn.Module, vqgan: nn.Module) -> Iterator[nn.Module]:
-    """``torch.compile`` the VQGAN encoder/decoder in place (restored on exit); yields the compiled teacher."""
+def compiled(teacher: nn.Module, vqgan: nn.Module, vqgan_mode: str = "default") -> Iterator[nn.Module]:
+    """``torch.compile`` the VQGAN encoder/decoder in place with ``vqgan_mode`` (restored on exit); yields the
+    teacher compiled in the default mode."""
     encoder, decoder = vqgan.encoder, vqgan.decoder
-    vqgan.encoder, vqgan.decoder = torch.compile(encoder), torch.compile(decoder)
+    vqgan.encoder, vqgan.decoder = torch.compile(encoder, mode=vqgan_mode), torch.compile(decoder, mode=vqgan_mode)
     try:
         yield torch.compile(teacher)
     finally:
@@ -280,8 +288,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     on_gpu = device.type == "cuda"
     ref_precision = args.reference_precision if on_gpu else None
     dtypes = {"naive-fp32": f"fp32 ({ref_precision or 'cpu'})", "naive-bf16": "bf16 autocast (VQGAN too)"}
-    for product, precision in PRODUCT_PRECISION.items():
-        dtypes[product] = dtypes[f"{product}-compiled"] = f"bf16 autocast, VQGAN {precision}" if on_gpu else "fp32"
+    for name in (*PRODUCT_PRECISION, *COMPILED_ROWS):
+        precision = PRODUCT_PRECISION[common.split_compile_mode(name)[0]]
+        dtypes[name] = f"bf16 autocast, VQGAN {precision}" if on_gpu else "fp32"
     dtypes["cache-shard"] = dtypes["product"]
     rows, outputs = [], {}
     for name in common.selected_rows(args, ROWS, DEFAULT_ROWS):
@@ -293,11 +302,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 step = _bf16(seeded(naive_step, teacher), device.type)
             elif name == "cache-shard":
                 step = _shard_step(teacher, vqgan, images, labels, cfg, device)
-            else:  # product rows, with the vqgan.precision they name, compiled or not
-                stack.enter_context(common.vqgan_precision(vqgan, PRODUCT_PRECISION[name.removesuffix("-compiled")]))
-                step = seeded(
-                    product_step, stack.enter_context(compiled(teacher, vqgan)) if "compiled" in name else teacher
-                )
+            else:  # product rows, with the vqgan.precision they name, compiled (in a mode) or not
+                base, mode = common.split_compile_mode(name)
+                stack.enter_context(common.vqgan_precision(vqgan, PRODUCT_PRECISION[base]))
+                step = seeded(product_step, stack.enter_context(compiled(teacher, vqgan, mode)) if mode else teacher)
             rows.append(
                 common.measure(
                     name,
@@ -309,7 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     batch_size=batch,
                     dtype=dtypes[name],
                     channels_last=on_gpu and name.startswith(("product", "cache")),
-                    compile=name.endswith("-compiled"),
+                    compile=common.split_compile_mode(name)[1] is not None,
                 )
             )
             if name.startswith("naive"):
@@ -344,7 +352,7 @@ def baseline_of(name: str) -> str:
 def ratios(rows: list[dict[str, Any]], on_gpu: bool) -> list[dict[str, Any]]:
     """The named ratios of the rows present, with DESIGN §6's target where one applies."""
     out = []
-    for name in (*PRODUCT_PRECISION, *(f"{p}-compiled" for p in PRODUCT_PRECISION), "cache-shard"):
+    for name in (*PRODUCT_PRECISION, *COMPILED_ROWS, "cache-shard"):
         if any(r["name"] == name for r in rows):
             target = TARGET if name != "cache-shard" else None
             out.append(common.ratio_entry(rows, name, "naive-fp32", target, "baseline of the brief: fp32"))

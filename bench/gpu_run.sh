@@ -8,9 +8,10 @@
 # a scratch folder put on PYTHONPATH: from bench/wheels when that folder came along (the GPU machines reach no
 # package index; fill it as docs/benchmarks.md says), else from the index. Then bench/run_all.py --full, with the
 # torch.compile rows while the budget lasts; every step rewrites the JSONs and summary.md, so a run stopped at the
-# hard limit keeps what it finished. Knobs: BUDGET_S (default 240), HARD_LIMIT_S (330), COMPILE (1; 0 = no compile
+# hard limit keeps what it finished; then bench/throughput.py (issue 15's rows). Knobs: BUDGET_S (default 240), HARD_LIMIT_S (330), COMPILE (1; 0 = no compile
 # rows), FULL (1; 0 = tiny configurations, to try the script on a CPU), RUN_ALL_ARGS (appended), PYTHON (python3),
-# RESULTS (the output folder, default $OUT/bench).
+# RESULTS (the output folder, default $OUT/bench), THROUGHPUT (1; 0 = skip bench/throughput.py), THROUGHPUT_LIMIT_S
+# (120).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -82,5 +83,11 @@ timeout -s INT "${HARD_LIMIT_S:-330}" "$PY" -m bench.run_all ${flags[*]} --budge
     --json-dir "$RESULTS" ${RUN_ALL_ARGS:-} 2>&1 | tee "$RESULTS/log.txt"
 rc=${PIPESTATUS[0]}
 echo "run_all exit code $rc (124 or 130: stopped at the hard limit; finished steps are in $RESULTS)"
+# Issue 15's before/after rows (cache open lazy vs full, loader CPU per image, quantizer) with the view replay timed
+# on the GPU; about a minute on 50 shards. THROUGHPUT=0 skips it, THROUGHPUT_LIMIT_S bounds it.
+if [ "${THROUGHPUT:-1}" = "1" ]; then
+    timeout -s INT "${THROUGHPUT_LIMIT_S:-120}" "$PY" bench/throughput.py --shards 50 \
+        --json "$RESULTS/throughput.json" 2>&1 | tee -a "$RESULTS/log.txt"
+fi
 cat "$RESULTS/summary.md" 2>/dev/null
 exit "$rc"

@@ -37,6 +37,12 @@ COMPILE_ROWS = (
     ("vqgan", "product-compiled"),
     ("generation", "product-compiled"),
     ("training", "cached-compiled"),
+    # issue 15: the VQGAN under torch.compile max-autotune / CUDA graphs (minutes of autotuning on the full shapes)
+    ("vqgan", "product-cudagraphs"),
+    ("vqgan", "bf16-autotune"),
+    ("vqgan", "product-autotune"),
+    ("generation", "product-bf16-cudagraphs"),
+    ("generation", "product-bf16-autotune"),
 )
 
 

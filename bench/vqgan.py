@@ -13,6 +13,10 @@ Rows:
 * ``bf16``: ``vqgan.precision: bf16``: encoder and decoder in bf16, codebook distance still fp32. The agreement
   columns show what it changes.
 * ``product-compiled``, ``bf16-compiled`` (``--compile``): the same with ``torch.compile`` on encoder and decoder.
+* ``product-autotune``, ``bf16-autotune``, ``product-cudagraphs``, ``bf16-cudagraphs`` (``--rows``, or ``run_all
+  --compile`` while the budget lasts): ``torch.compile(mode="max-autotune")`` (kernel choices benchmarked while
+  compiling) and ``mode="reduce-overhead"`` (the compiled graphs replayed as CUDA graphs) on encoder and decoder.
+  GPU rows: on a CPU they compile but say nothing about the GPU.
 
 Agreement with ``reference``: max/mean abs pixel difference and the fraction of codes that agree.
 
@@ -39,7 +43,18 @@ if __package__ in (None, ""):  # run as a file (python bench/vqgan.py): make the
 from bench import _common as common  # noqa: E402
 from bench.generation import naive_reconstruct  # noqa: E402
 
-ROWS = ("reference", "product", "bf16-decoder", "bf16", "product-compiled", "bf16-compiled")
+ROWS = (
+    "reference",
+    "product",
+    "bf16-decoder",
+    "bf16",
+    "product-compiled",
+    "bf16-compiled",
+    "product-autotune",
+    "bf16-autotune",
+    "product-cudagraphs",
+    "bf16-cudagraphs",
+)
 DEFAULT_ROWS = ("reference", "product", "bf16-decoder", "bf16")
 BASELINE = "reference"
 TINY = dict(vqgan="tiny-f4", image_size=32, batch_size=16)
@@ -69,10 +84,10 @@ def precision_reconstruct(precision: str):
 
 
 @contextlib.contextmanager
-def compiled_network(vqgan: nn.Module) -> Iterator[None]:
-    """``torch.compile`` the encoder and decoder in place, restored on exit."""
+def compiled_network(vqgan: nn.Module, mode: str = "default") -> Iterator[None]:
+    """``torch.compile(mode=mode)`` the encoder and decoder in place, restored on exit."""
     encoder, decoder = vqgan.encoder, vqgan.decoder
-    vqgan.encoder, vqgan.decoder = torch.compile(encoder), torch.compile(decoder)
+    vqgan.encoder, vqgan.decoder = torch.compile(encoder, mode=mode), torch.compile(decoder, mode=mode)
     try:
         yield
     finally:
@@ -109,6 +124,11 @@ def ratios(rows: list[dict[str, Any]], on_gpu: bool) -> list[dict[str, Any]]:
     for fast, slow in (("bf16-decoder", "product"), ("bf16", "product"), ("bf16-compiled", "product-compiled")):
         if fast in names and slow in names:
             out.append(common.ratio_entry(rows, fast, slow, note="speed-up of vqgan.precision"))
+    for base in ("product", "bf16"):
+        for mode in ("autotune", "cudagraphs"):
+            if f"{base}-{mode}" in names and f"{base}-compiled" in names:
+                note = f"torch.compile mode {common.COMPILE_MODES['-' + mode]} over the default mode"
+                out.append(common.ratio_entry(rows, f"{base}-{mode}", f"{base}-compiled", note=note))
     return out
 
 
@@ -141,10 +161,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     rows, outputs = [], {}
     for name in wanted:
-        base = name.removesuffix("-compiled")
+        base, mode = common.split_compile_mode(name)
         fn = functions[base]
         precision = args.reference_precision if on_gpu and base == "reference" else None
-        network = compiled_network(vqgan) if name != base else contextlib.nullcontext()
+        network = compiled_network(vqgan, mode) if mode else contextlib.nullcontext()
         with common.fp32_precision(precision), network:
             rows.append(
                 common.measure(

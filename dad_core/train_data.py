@@ -7,15 +7,25 @@ uninterrupted run would have seen, whatever the number of loader workers.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from dad_core.teacher_cache import TeacherCache
-from dad_core.views import apply_view, sample_view
+from dad_core.views import apply_view, apply_views, sample_view
 
-__all__ = ["DADPairs", "ResumableSampler"]
+__all__ = ["CleanViews", "DADPairs", "ResumableSampler", "replay_views"]
+
+_logger = logging.getLogger(__name__)
+
+
+def _fresh_view(image: Tensor, rng: np.random.Generator, crop_scale: tuple[float, float], hflip: float) -> Tensor:
+    """A new random view of a ``[3, H, W]`` image, as the ``[6]`` row :func:`~dad_core.views.apply_view` reads."""
+    v = sample_view(image.shape[1], image.shape[2], rng, scale=crop_scale, hflip=hflip)
+    return torch.tensor([v.top, v.left, v.height, v.width, int(v.flip), v.seed])
 
 
 class DADPairs(Dataset):
@@ -25,6 +35,11 @@ class DADPairs(Dataset):
     ``with_teacher=True``, returns the stored teacher probabilities for it. ``replay=False`` draws a fresh view
     (teacher_mode online, the reference behaviour). Without stored views, the full no-augmentation image and its
     stored soft labels are used.
+
+    ``replay_on_device=True`` (``train.replay_on_device``) leaves the pixels to the training step: items hold the
+    stored uint8 ``clean``/``dad`` images and the ``[6]`` ``view`` to replay (the same view the CPU path would
+    apply), and :func:`replay_views` turns a batch of them into views on the device. It is ignored, with a
+    warning, when ``randaugment`` is set: timm's RandAugment runs on PIL images and has no identical device form.
     """
 
     def __init__(
@@ -38,10 +53,16 @@ class DADPairs(Dataset):
         crop_scale: tuple[float, float],
         hflip: float,
         randaugment: str = "",
+        replay_on_device: bool = False,
     ) -> None:
         self.cache, self.image_size, self.seed = cache, image_size, seed
         self.replay, self.with_teacher = replay and cache.views > 0, with_teacher
         self.crop_scale, self.hflip, self.randaugment = crop_scale, hflip, randaugment
+        self.on_device = replay_on_device and not randaugment
+        if replay_on_device and randaugment:
+            _logger.warning(
+                "replay_on_device: RandAugment (%s) has no device form; views replay on the CPU", randaugment
+            )
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -61,11 +82,13 @@ class DADPairs(Dataset):
         elif self.cache.views == 0 and self.with_teacher:
             r, view = None, None
         else:
-            r = None
-            v = sample_view(clean.shape[1], clean.shape[2], rng, scale=self.crop_scale, hflip=self.hflip)
-            view = torch.tensor([v.top, v.left, v.height, v.width, int(v.flip), v.seed])
+            r, view = None, _fresh_view(clean, rng, self.crop_scale, self.hflip)
+        if self.on_device:  # the whole image when there is no view: the same resize as the branch below
+            item["view"] = view if view is not None else torch.tensor([0, 0, *clean.shape[1:], 0, 0])
         for name, image in (("clean", clean), ("dad", dad)):
-            if view is None:
+            if self.on_device:
+                item[name] = image  # uint8 as stored; collating copies it out of the memory-mapped shard
+            elif view is None:
                 item[name] = torch.nn.functional.interpolate(
                     image[None].float() / 255.0, size=(self.image_size,) * 2, mode="bilinear", antialias=True
                 )[0]
@@ -74,6 +97,64 @@ class DADPairs(Dataset):
             if self.with_teacher:
                 item[f"t_{name}"] = self.cache.probs(shard, offset, name, view=r)
         return item
+
+
+def replay_views(batch: dict[str, Tensor], image_size: int) -> dict[str, Tensor]:
+    """Turn a ``replay_on_device`` batch into the batch the CPU replay yields, on the batch's device.
+
+    Args:
+        batch: a collated :class:`DADPairs` batch with uint8 ``[B, 3, H, W]`` ``clean``/``dad`` and ``[B, 6]``
+            ``view``; a batch without ``view`` is returned as it is.
+        image_size: the side of the views.
+
+    Returns:
+        The batch with float ``[B, 3, image_size, image_size]`` views in [0, 1] and no ``view`` key.
+    """
+    if "view" not in batch:
+        return batch
+    out = {key: value for key, value in batch.items() if key != "view"}
+    names = [name for name in ("clean", "dad") if name in batch]
+    out.update(zip(names, apply_views([batch[name] for name in names], batch["view"], image_size), strict=True))
+    return out
+
+
+class CleanViews(Dataset):
+    """Item ``i`` of epoch ``e``: a fresh view of training image i and its label; no DAD sample, no teacher.
+
+    Plain cross-entropy training (both KL weights 0) reads the dataset directly, without a teacher cache. The
+    images get the bytes a cache would store (``images`` should use the cache's resize + center-crop transform,
+    rounded here to uint8) and the views are drawn exactly as :class:`DADPairs` draws fresh ones, so a plain-CE
+    run sees the same augmentation as an online-teacher run with the same seed.
+    """
+
+    def __init__(
+        self,
+        images: Dataset,
+        *,
+        image_size: int,
+        seed: int,
+        crop_scale: tuple[float, float],
+        hflip: float,
+        randaugment: str = "",
+    ) -> None:
+        self.images, self.image_size, self.seed = images, image_size, seed
+        self.crop_scale, self.hflip, self.randaugment = crop_scale, hflip, randaugment
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        image, label = self.images[index]
+        clean = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)  # as the teacher cache stores it
+        view = _fresh_view(clean, np.random.default_rng([self.seed, self.epoch, index]), self.crop_scale, self.hflip)
+        return {
+            "clean": apply_view(clean, view, self.image_size, randaugment=self.randaugment),
+            "label": torch.tensor(label, dtype=torch.long),
+        }
 
 
 class ResumableSampler(Sampler[int]):

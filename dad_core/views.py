@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ViewSpec", "apply_view", "sample_view", "sample_views"]
+__all__ = ["ViewSpec", "apply_view", "apply_views", "sample_view", "sample_views"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,38 @@ def apply_view(image: Tensor, view: Tensor | ViewSpec, size: int, *, randaugment
     if randaugment:
         x = _photometric(x, seed, randaugment)
     return x.clamp(0, 1)
+
+
+def apply_views(images: Sequence[Tensor], views: Tensor, size: int) -> list[Tensor]:
+    """:func:`apply_view` without RandAugment for a batch, on the images' device (``train.replay_on_device``).
+
+    Each sample is cropped, resized with the same antialiased bilinear interpolation and flipped as
+    :func:`apply_view` does, so on a CPU the result is bit-identical and on a GPU it differs only by the
+    interpolation kernel's rounding. The crop boxes differ in size, so crop, resize and flip run per sample (one
+    call for that sample in every tensor of ``images``, e.g. its clean image and its DAD sample); the clamp is one
+    batched op.
+    RandAugment is timm's PIL code and has no identical tensor version, so a run with ``train.randaugment``
+    replays on the CPU (:class:`~dad_core.train_data.DADPairs`).
+
+    Args:
+        images: tensors of uint8 or float ``[B, C, H, W]`` images on one device, all viewed through ``views``.
+        views: ``[B, 6]`` int rows ``(top, left, height, width, flip, seed)``; the seed is unused here.
+        size: output side.
+
+    Returns:
+        For each tensor of ``images``, float32 ``[B, C, size, size]`` in [0, 1].
+    """
+    stack = torch.stack(list(images))  # [G, B, C, H, W]
+    boxes = views.detach().to("cpu", torch.int64).tolist()  # one transfer, not five per sample
+    out = torch.empty(*stack.shape[:3], size, size, device=stack.device)
+    for b, (top, left, h, w, flip, _) in enumerate(boxes):
+        x = stack[:, b, :, top : top + h, left : left + w]
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        if (h, w) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        # flipping only the flipped samples: a batched where(flip, x.flip(-1), x) costs twice the resize on a CPU
+        out[:, b] = x.flip(-1) if flip else x
+    return list(out.clamp_(0, 1).unbind(0))
 
 
 def _photometric(x: Tensor, seed: int, randaugment: str) -> Tensor:

@@ -87,8 +87,70 @@ def test_cache_bytes_per_image_matches_a_real_shard():
     dataset = [(torch.rand(3, 32, 32), i % 10) for i in range(4)]
     teacher = create_teacher("dad-tiny-clip", 10, torch.device("cpu"))
 
-    shard = _make_shard(teacher, IdentityDiscretizer(), dataset, list(range(4)), cfg, 0, torch.device("cpu"))
+    shard, _ = _make_shard(teacher, IdentityDiscretizer(), dataset, list(range(4)), cfg, 0, torch.device("cpu"))
 
-    stored = sum(t.numel() * t.element_size() for t in shard.values()) / len(dataset)
+    size = {key: t.numel() * t.element_size() for key, t in shard.items()}
+    stored = sum(v for key, v in size.items() if not key.startswith("preview_")) / len(dataset)
     assert stored == cache_bytes_per_image(image_size=32, topk=10, views=2, num_classes=10)
+    # plus, per shard, the samples.png preview of its first min(8, n) images: VQ(x), VQ(VQ(x)) and 4 int32 predictions
+    assert sum(v for key, v in size.items() if key.startswith("preview_")) == 4 * (2 * 3 * 32 * 32 + 4 * 4)
     assert cache_bytes_per_image() == 301_408  # 224 px, k = 10, R = 2, 1000 classes (docs/benchmarks.md)
+
+
+def test_throughput_rows_compare_before_and_after_in_one_run(tmp_path):
+    from bench import throughput
+
+    path = tmp_path / "throughput.json"
+    argv = ["--shards", "3", "--shard-images", "4", "--image-size", "32", "--loader-images", "8", "--batch-size", "4"]
+    sizes = ["--quant-rows", "64", "--codes", "256", "--code-dim", "8", "--repeats", "1", "--device", "cpu"]
+
+    code = throughput.main([*argv, *sizes, "--quiet", "--json", str(path)])
+
+    result = json.loads(path.read_text())
+    assert code == 0 and result["cpu_model"]
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["cache-open (start-up)", "loader CPU per image", "quantizer", "quantizer vs explicit distance"]
+    assert all(r["before"] > 0 and r["after"] > 0 and r["ratio"] > 0 for r in result["rows"])
+    assert result["quantizer"]["fused_equals_three_step"] is True
+    assert result["device_replay_ms_per_image"] > 0
+
+
+def test_compile_mode_rows_are_known_and_map_to_torch_compile_modes():
+    from bench import _common, generation, run_all, vqgan
+
+    assert _common.split_compile_mode("product-autotune") == ("product", "max-autotune")
+    assert _common.split_compile_mode("bf16-cudagraphs") == ("bf16", "reduce-overhead")
+    assert _common.split_compile_mode("product-bf16-compiled") == ("product-bf16", "default")
+    assert _common.split_compile_mode("reference") == ("reference", None)
+    for bench, row in run_all.COMPILE_ROWS:  # every row run_all schedules is one its benchmark knows
+        assert row in {"vqgan": vqgan.ROWS, "generation": generation.ROWS, "training": run_all.training.ROWS}[bench]
+    assert {"product-autotune", "product-cudagraphs"} <= set(vqgan.ROWS)
+    assert {"product-bf16-autotune", "product-bf16-cudagraphs"} <= set(generation.ROWS)
+
+
+@pytest.mark.parametrize(
+    ("name", "rows"),
+    [
+        ("vqgan", "product-compiled,product-autotune,product-cudagraphs"),
+        ("generation", "product-bf16-compiled,product-bf16-autotune,product-bf16-cudagraphs"),
+    ],
+)
+def test_compile_mode_rows_pass_their_mode_to_torch_compile(name, rows, tmp_path, monkeypatch):
+    modes = []
+
+    def fake_compile(module, mode=None, **kwargs):  # records the mode, runs eager (compiling costs minutes here)
+        modes.append(mode)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    path = tmp_path / f"{name}.json"
+    code = importlib.import_module(f"bench.{name}").main([*QUICK, "--rows", rows, "--json", str(path)])
+
+    result = json.loads(path.read_text())
+    assert code == 0 and [r["name"] for r in result["rows"]] == rows.split(",")
+    assert all(r["compile"] and r["images_per_s"] > 0 for r in result["rows"])
+    assert {"default", "max-autotune", "reduce-overhead"} <= set(modes)
+    if name == "vqgan":
+        assert {"product-autotune / product-compiled", "product-cudagraphs / product-compiled"} <= {
+            r["name"] for r in result["ratios"]
+        }

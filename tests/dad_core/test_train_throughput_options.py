@@ -1,0 +1,71 @@
+"""Issue 15's training options end to end on the digits: ``train.replay_on_device`` trains to the same weights as
+the CPU replay, and under ``cache.verify: lazy`` a corrupt shard stops ``fit`` naming the file (start-up reads no
+shard; the per-shard checks are in test_teacher_cache.py)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from dad_core.checkpoint import load_checkpoint
+from dad_core.config import load_config
+from dad_core.teacher_cache import CacheMismatchError, cache_teacher
+from dad_core.tracking import NullTracker
+from dad_core.train import fit
+
+pytestmark = pytest.mark.slow
+
+FAST = ["train.model=resnet10t", "train.batch_size=96", "train.epochs=1", "train.warmup_epochs=0", "train.hflip=0.5"]
+
+
+def _cfg(*extra: str):
+    return load_config(None, [*FAST, *extra])
+
+
+@pytest.fixture(autouse=True)
+def _own_verified_markers(tmp_path, monkeypatch):
+    """Lazy verification's per-machine markers in this test's folder, not the machine's temp folder."""
+    import dad_core.teacher_cache as tc
+
+    monkeypatch.setattr(tc, "_VERIFIED_DIR", tmp_path / "verified-markers")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(digits_root, tmp_path_factory):
+    """A cache of the digits made with the conftest TinyTeacher: no teacher checkpoint, so none is compared."""
+    from conftest import PoolDiscretizer, TinyTeacher
+
+    from dad_core.teacher import freeze
+
+    out = tmp_path_factory.mktemp("cache")
+    torch.manual_seed(0)
+    cache_teacher(_cfg(), digits_root, out, freeze(TinyTeacher(10)), PoolDiscretizer(), progress=False)
+    return out
+
+
+def test_replay_on_device_trains_to_the_weights_of_the_cpu_replay(digits_root, cache_dir, tmp_path):
+    reports, weights = {}, {}
+    for on_device in (False, True):
+        cfg = _cfg(f"train.replay_on_device={str(on_device).lower()}")
+        run = tmp_path / str(on_device)
+        reports[on_device] = fit(cfg, digits_root, cache_dir, run, progress=False, tracker=NullTracker())
+        weights[on_device] = load_checkpoint(run / "model")[0]["model"]
+
+    assert reports[True]["steps"] == reports[False]["steps"] > 10
+    assert reports[True]["final"]["loss"] == pytest.approx(reports[False]["final"]["loss"], rel=1e-4)
+    for key, value in weights[False].items():
+        torch.testing.assert_close(weights[True][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_corrupt_shard_stops_training_naming_the_file(digits_root, cache_dir, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_dir, cache)
+    shard = cache / "shard-00003.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    with pytest.raises(CacheMismatchError, match=r"shard-00003\.pt: checksum mismatch"):
+        fit(_cfg(), digits_root, cache, tmp_path / "run", progress=False, tracker=NullTracker())
