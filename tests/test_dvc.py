@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import yaml
@@ -89,9 +90,12 @@ def test_dvc_yaml_declares_every_stage_and_its_lineage():
             for part in key.split("."):
                 assert part in node, f"{name}: params.yaml has no key {key}"
                 node = node[part]
-    metrics = spec["stages"]["evaluate"]["metrics"]
-    assert metrics == [{"runs/eval/eval_report.json": {"cache": False}}]
-    assert "runs/eval/accuracy.png" in spec["stages"]["evaluate"]["plots"][0]
+    metrics = [path for stage in spec["stages"].values() for item in stage.get("metrics", []) for path in item]
+    assert metrics == ["runs/eval/metrics.json"]  # small flat files only: the full report is an ordinary output
+    assert spec["metrics"] == ["runs/train/metrics.json"]  # inside the train stage's output folder
+    plots = [path for item in spec["stages"]["evaluate"]["plots"] for path in item]
+    assert plots == ["runs/eval/accuracy.png", "runs/eval/suite_top1.json"]
+    assert spec["plots"] == [{"runs/train/train_curve.json": {"x": "epoch", "y": "loss", "title": ANY}}]
 
 
 def test_repro_prepare_records_params_and_is_up_to_date(dvc_repo):
@@ -170,3 +174,52 @@ def test_prepare_data_from_a_dvc_tag(dvc_repo, tmp_path):
     assert report["source"]["kind"] == "dvc" and report["source"]["rev"] == "v1"
     assert report["counts"]["train"] == tagged["splits"]["train"]["count"]
     assert (out / "classes.txt").read_text() == (dvc_repo / "data" / "digits" / "classes.txt").read_text()
+
+
+def _tree(root: Path) -> Path:
+    """What a fresh clone of this working tree holds: tracked and untracked, not ignored, files, as one commit."""
+    listed = _sh(REPO, "git", "ls-files", "--cached", "--others", "--exclude-standard").splitlines()
+    for name in listed:
+        if (REPO / name).is_file():  # a tracked file deleted in the working tree is not there
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    _sh(root, "git", "init", "-q", "-b", "main")
+    _sh(root, "git", "add", "-A")
+    _sh(root, "git", "commit", "-q", "-m", "fresh clone")
+    return root
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_is_a_dvc_repository_with_flat_metrics_and_plots(tmp_path):
+    """``.dvc/`` is committed: a clone runs ``dvc dag``, ``dvc metrics show`` and ``dvc plots show`` as it is."""
+    repo = _tree(tmp_path / "clone")
+    assert (repo / ".dvc" / "config").is_file() and not (repo / ".dvc" / "cache").exists()
+    dag = _dvc(repo, "dag", "--md")
+    assert all(stage in dag for stage in STAGES)
+    # the default remote, ../.dvc-store relative to .dvc/: a folder of the clone itself, wherever it lives
+    assert _dvc(repo, "remote", "list").split() == ["local", str(repo / ".dvc-store"), "(default)"]
+
+    # What `dvc repro` leaves, in miniature: the train and evaluate CLIs' flat metrics and plot data.
+    scores = {"clean_top1": 90.0, "ood_mean_top1": 60.0, "digits-c_top1": 55.0, "digits-r_top1": 65.0}
+    _write(repo / "runs/eval/metrics.json", scores)
+    _write(
+        repo / "runs/eval/suite_top1.json", [{"suite": "digits-c", "top1": 55.0}, {"suite": "digits-r", "top1": 65.0}]
+    )
+    _write(repo / "runs/train/metrics.json", {"val_top1": 80.5, "images_per_s": 900.0, "steps": 40, "loss": 0.7})
+    _write(repo / "runs/train/train_curve.json", [{"epoch": 1, "loss": 1.2, "lr": 0.002}, {"epoch": 2, "loss": 0.7}])
+
+    shown = json.loads(_dvc(repo, "metrics", "show", "--json"))
+    (workspace,) = shown.values()
+    files = workspace["data"]
+    assert files["runs/eval/metrics.json"]["data"] == scores
+    assert files["runs/train/metrics.json"]["data"]["val_top1"] == 80.5
+    table = _dvc(repo, "metrics", "show")
+    assert "val_top1" in table and "ood_mean_top1" in table and len(table.splitlines()) == 3  # header, two files
+
+    plots = json.loads(_dvc(repo, "plots", "show", "--json"))["data"]
+    assert {"runs/train/train_curve.json", "runs/eval/suite_top1.json"} <= set(plots)
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
