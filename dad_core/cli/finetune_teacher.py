@@ -1,8 +1,9 @@
 """``dad finetune-teacher``: fine-tune the CLIP teacher on the training set, starting from its zero-shot head.
 
-    dad finetune-teacher --data-root data/digits --output models/teacher.pt [-p finetune.epochs=6]
+    dad finetune-teacher --data-root data/digits --output models/teacher.safetensors [-p finetune.epochs=6]
 
-Writes the checkpoint (loadable by ``create_clip_teacher(checkpoint=...)``) and a JSON report beside it.
+Writes the checkpoint (loadable by ``create_clip_teacher(checkpoint=...)``) and a JSON report beside it, with the
+teacher's top-1 on each evaluation suite (``-p finetune.eval_suites=false`` skips them).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dad_core.distributed import resolve_device
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dad finetune-teacher", description=__doc__.splitlines()[0])
-    add_step_args(parser, output=Path("models/teacher.pt"), output_help="checkpoint file")
+    add_step_args(parser, output=Path("models/teacher.safetensors"), output_help="checkpoint file")
     return parser.parse_args(argv)
 
 
@@ -31,9 +32,10 @@ def _body(argv: list[str] | None) -> int:
         cfg, data_root, args.output, device=resolve_device(args.device), progress=not args.no_progress
     )
     path = write_report(report, report_path(args))
+    suites = "".join(f", {name} {top1:.2f}%" for name, top1 in report.get("suites", {}).items())
     print(
-        f"teacher val top-1 {report['zero_shot_top1']:.2f}% zero-shot -> {report['top1']:.2f}% fine-tuned; "
-        f"checkpoint {report['output']}; report {path}"
+        f"teacher val top-1 {report['zero_shot_top1']:.2f}% zero-shot -> {report['top1']:.2f}% fine-tuned"
+        f"{suites}; checkpoint {report['output']}; report {path}"
     )
     return 0
 
