@@ -1,9 +1,11 @@
 """``dad cache-teacher``: run the teacher once over the training set (DAD samples + soft labels), sharded.
 
-    dad cache-teacher --data-root data/digits --output cache/teacher \\
-        -p teacher.checkpoint=models/teacher.pt -p vqgan.checkpoint=models/vqgan.ckpt [--shard-index 0 --num-shards 2]
+    dad cache-teacher --data-root data/digits --output cache/teacher [--shard-index 0 --num-shards 2] \\
+        -p teacher.checkpoint=models/teacher.safetensors -p vqgan.checkpoint=models/vqgan.ckpt
 
 Each worker writes its shards atomically and skips finished ones; the last one to finish writes manifest.json.
+The attack-survival diagnostics (teacher top-1 before and after each discretization) go into the report and, with
+tracking on, to MLflow as ``cache/*`` metrics (per shard: ``cache/shard/*`` with the shard id as step).
 """
 
 from __future__ import annotations
@@ -77,12 +79,33 @@ def _body(argv: list[str] | None) -> int:
         progress=not args.no_progress,
     )
     path = write_report(report, args.report or output / f"report-{args.shard_index}.json")
+    _log_to_mlflow(cfg, report, output)
     state = "complete" if report["complete"] else "waiting for other workers"
+    diag = report["diagnostics"]
+    top1 = ", ".join(
+        f"{k[5:]} {diag[k]:.1%}" for k in ("top1_clean", "top1_vq", "top1_attacked", "top1_dad") if k in diag
+    )
     print(
         f"cache {output}: {len(report['shards_written'])} shards written, {len(report['shards_skipped'])} "
-        f"skipped, {report['images_per_s']} images/s; {state}; report {path}"
+        f"skipped, {report['images_per_s']} images/s; teacher top-1 {top1}; {state}; report {path}"
     )
     return 0
+
+
+def _log_to_mlflow(cfg, report: dict, output: Path) -> None:
+    """The attack config, the survival diagnostics (per shard, this worker's, the whole cache's) and samples.png."""
+    from dad_core.config import config_to_dict
+    from dad_core.tracking import create_tracker
+
+    with create_tracker(cfg.tracking, primary=True, run_name=f"cache-teacher-{report['shard_index']}") as tracker:
+        tracker.log_params({"attack": config_to_dict(cfg.attack)})
+        for shard in report["shard_diagnostics"]:
+            tracker.log_metrics({f"cache/shard/{k}": v for k, v in shard.items() if k != "shard"}, step=shard["shard"])
+        tracker.log_metrics({f"cache/{k}": v for k, v in report["diagnostics"].items()})
+        if report["complete"]:
+            tracker.log_metrics({f"cache/all/{k}": v for k, v in report["cache_diagnostics"].items()})
+            if (output / "samples.png").is_file():
+                tracker.log_artifact(output / "samples.png", artifact_path="cache")
 
 
 def main(argv: list[str] | None = None) -> int:
