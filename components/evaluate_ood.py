@@ -1,7 +1,7 @@
-"""``evaluate_ood``: score the student on the clean and OOD suites; metrics, a Markdown report, the full outputs."""
+"""``evaluate_ood``: score the student on the clean and OOD suites; metrics, Markdown and HTML reports, all outputs."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components._image import DAD_IMAGE
 
@@ -14,6 +14,7 @@ def evaluate_ood(
     evaluation: Output[Artifact],
     report: Output[Markdown],
     metrics: Output[Metrics],
+    chart: Output[HTML],
     mlflow_tracking_uri: str = "",
 ) -> float:
     """Run ``dad evaluate`` on the student's final checkpoint; returns the mean OOD top-1.
@@ -24,7 +25,8 @@ def evaluate_ood(
         params: dotted config overrides (``eval.*``).
         evaluation: ``eval_report.json``, ``eval_report.md``, ``accuracy.png`` and ``config.yaml``.
         report: the Markdown report, rendered by the Kubeflow UI.
-        metrics: every numeric top-level value of the report (``clean_top1``, ``ood_mean_top1``, ...).
+        metrics: ``clean_top1``, ``ood_mean_top1`` and ``<suite>_top1`` per suite that ran.
+        chart: the accuracy chart (inlined) and the per-suite table, rendered by the Kubeflow UI.
         mlflow_tracking_uri: the metrics and report also go into the MLflow run that trained the student.
     """
     import json
@@ -32,6 +34,8 @@ def evaluate_ood(
     from pathlib import Path
 
     from dad_core.cli import evaluate as cli
+    from dad_core.eval_html import eval_report_html
+    from dad_core.evaluate import flat_metrics
 
     tracking = [f"tracking.uri={mlflow_tracking_uri}"] if mlflow_tracking_uri else []
     overrides = [arg for item in [*params, f"data.root={dataset.path}", *tracking] for arg in ("-p", item)]
@@ -40,7 +44,8 @@ def evaluate_ood(
         raise RuntimeError(f"dad evaluate failed with exit code {code}; its message is in the log above")
     results = json.loads((Path(evaluation.path) / "eval_report.json").read_text())
     shutil.copyfile(Path(evaluation.path) / "eval_report.md", report.path)
-    scores = {k: v for k, v in results.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    Path(chart.path).write_text(eval_report_html(results, Path(evaluation.path) / "accuracy.png"))
+    scores = flat_metrics(results)
     evaluation.metadata.update(scores)
     for key, value in scores.items():
         metrics.log_metric(key, value)

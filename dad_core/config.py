@@ -41,7 +41,9 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "parse_overrides",
+    "redact_uri",
     "save_config",
+    "split_userinfo",
 ]
 
 
@@ -111,18 +113,21 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    epochs: int = 6
+    epochs: int = 8
     lr: float = 1e-3  # AdamW learning rate (ImageNet-scale CLIP fine-tuning uses ~3e-5)
     weight_decay: float = 0.1
     batch_size: int = 64
     warmup_steps: int = 10
     wise_alpha: float = 1.0  # WiSE-FT mix: theta = (1 - alpha) * zero_shot + alpha * fine_tuned
     label_smoothing: float = 0.0
+    augment: str = "broad"  # none | broad: finetune.broad_augment's shifts; the evaluation suites' stay held out
+    eval_suites: bool = True  # score the fine-tuned teacher on the evaluation suites and report their top-1
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")
         _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.augment in ("none", "broad"), "augment", f"must be 'none' or 'broad', got {self.augment!r}")
         _check(0.0 <= self.wise_alpha <= 1.0, "wise_alpha", f"must be in [0, 1], got {self.wise_alpha}")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
 
@@ -170,16 +175,26 @@ class VQGANConfig:
 @dataclass(frozen=True)
 class AttackConfig:
     mode: str = "dad"  # dad: VQ -> PGD on teacher -> VQ | vq_only: VQ(VQ(x)) | random: random direction | none
+    # Where dad/random perturb (dad_core.attack). pixel: the paper, an eps ball around VQ(x) in [0, 1] pixels, then a
+    # second VQ round trip. latent: a ball around the VQGAN's continuous latent z0 = encode(VQ(x)), the teacher's
+    # loss ascended through the decoder with a straight-through quantizer, the sample decode(quantize(z0 + delta))
+    # with no second VQ, so the perturbation survives discretization. mode=dad + space=latent is "dad-latent".
+    space: str = "pixel"
     norm: str = "l2"  # l2 | linf
     eps: float = 0.1  # radius in [0, 1] pixel units (L2 over the whole image, or per pixel for linf)
+    # space=latent: radius relative to the latent itself, ||delta||_2 <= latent_eps * ||z0||_2 per sample (linf:
+    # |delta| <= latent_eps * RMS(z0)); the step is step_size / eps times that radius (the same ratio as in pixels)
+    latent_eps: float = 0.5
     step_size: float = 0.01  # 0.01 in the reference's offline generator, 0.1 in its online loop
     steps: int = 1
     random_start: float = 0.8  # probability of a random start on the eps sphere (one coin per batch)
 
     def __post_init__(self) -> None:
         _one_of(self.mode, "mode", ("dad", "vq_only", "random", "none"))
+        _one_of(self.space, "space", ("pixel", "latent"))
         _one_of(self.norm, "norm", ("l2", "linf"))
         _check(0.0 < self.eps <= 1000.0, "eps", f"must be in (0, 1000], got {self.eps}")
+        _check(0.0 < self.latent_eps <= 1000.0, "latent_eps", f"must be in (0, 1000], got {self.latent_eps}")
         _check(self.step_size > 0, "step_size", "must be > 0")
         _check(self.steps >= 1, "steps", "must be >= 1")
         _check(0.0 <= self.random_start <= 1.0, "random_start", "must be a probability in [0, 1]")
@@ -194,8 +209,12 @@ class CacheConfig:
     batch_size: int = 128
     seed: int = 0
     compile: bool = False  # torch.compile the teacher and the VQGAN (GPU; pays off on long runs)
+    # When training checks the shards' sha256: lazy: each shard when a process first opens it (start-up only stats
+    # the files) | full: rank 0 hashes the whole cache before step one (ImageNet: 386 GB) | none
+    verify: str = "lazy"
 
     def __post_init__(self) -> None:
+        _one_of(self.verify, "verify", ("lazy", "full", "none"))
         _check(self.views >= 0, "views", "must be >= 0")
         _check(self.topk >= 1, "topk", "must be >= 1")
         _check(self.shard_size >= 1, "shard_size", "must be >= 1")
@@ -206,12 +225,37 @@ class CacheConfig:
 class LossConfig:
     variant: str = "A"  # A: CE + T^2/2 KL(clean) + T^2/2 KL(DAD) | C: joint batch, 0.75 CE + 4 KL (DESIGN 3.4)
     temperature: float = 4.0
-    kd_weight: float = 0.5  # variant A: weight of each T^2-scaled KL term
+    # Variant A weights of the T^2-scaled KL terms. kd_weight is the default of both; kd_clean_weight (KL on the
+    # clean images) and kd_adv_weight (KL on the DAD samples) override it per term (null = kd_weight). kd_weight
+    # stays so that existing params files and `-p loss.kd_weight=0` (both 0: plain CE, no teacher, no cache) work.
+    # A DAD-sample weight of 0 also keeps the DAD samples out of the student's forward pass (and BatchNorm).
+    kd_weight: float = 0.5
+    kd_clean_weight: float | None = None
+    kd_adv_weight: float | None = None
 
     def __post_init__(self) -> None:
         _one_of(self.variant, "variant", ("A", "C"))
         _check(self.temperature > 0, "temperature", "must be > 0")
-        _check(self.kd_weight >= 0, "kd_weight", "must be >= 0")
+        for key in ("kd_weight", "kd_clean_weight", "kd_adv_weight"):
+            value = getattr(self, key)
+            _check(value is None or 0 <= value < float("inf"), key, f"must be a finite number >= 0, got {value}")
+        _check(
+            self.variant == "A" or (self.kd_clean_weight is None and self.kd_adv_weight is None),
+            "kd_clean_weight" if self.kd_clean_weight is not None else "kd_adv_weight",
+            "applies to variant A only (variant C weighs its terms 0.75 CE + 0.25 T^2 KL)",
+        )
+
+    @property
+    def kd_weights(self) -> tuple[float, float]:
+        """Variant A's ``(clean, DAD)`` KL weights, ``kd_weight`` standing in for an unset one."""
+        clean = self.kd_weight if self.kd_clean_weight is None else self.kd_clean_weight
+        adv = self.kd_weight if self.kd_adv_weight is None else self.kd_adv_weight
+        return clean, adv
+
+    @property
+    def uses_teacher(self) -> bool:
+        """False for plain CE (variant A, both KL weights 0): no teacher runs and no teacher cache is read."""
+        return self.variant == "C" or any(w > 0 for w in self.kd_weights)
 
 
 @dataclass(frozen=True)
@@ -244,6 +288,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0 = each epoch end only)
     seed: int = 0
     num_workers: int = 0
+    # Replay the cached views (crop, resize, flip) batched on the training device instead of in the loader workers;
+    # the loader then only copies uint8 images. Not with randaugment (timm's PIL ops stay on the CPU).
+    replay_on_device: bool = False
     output_dir: str = "runs/train"
 
     def __post_init__(self) -> None:
@@ -291,6 +338,11 @@ class TrackingConfig:
     timeout_s: float = 10.0  # how long to wait for a tracking server at start before failing
     system_metrics: bool = True  # log CPU/memory/disk (and GPU with nvidia-ml-py) utilization; needs psutil
     artifact_location: str | None = None  # for a new experiment; None = the server's, or mlartifacts/ by the sqlite db
+
+    def redacted(self) -> TrackingConfig:
+        """This config with any ``user:password@`` in its URIs shown as ``***@``: what config.yaml and params hold."""
+        hide = {k: redact_uri(v) for k in ("uri", "artifact_location") if (v := getattr(self, k))}
+        return dataclasses.replace(self, **hide) if hide else self
 
 
 @dataclass(frozen=True)
@@ -403,8 +455,34 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with another override of {part}")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[parts[-1]] = _load_yaml(raw, f"override {item!r}") if raw.strip() else None
     return nested
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (YAML says keys are unique; PyYAML
+    silently keeps the last one, so ``lr: 0.1`` followed by ``lr: 0.2`` would hide a mistake)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """Parse YAML safely; any syntax error or duplicate key is a one-line :class:`ConfigError` naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}: not valid YAML{at} ({getattr(err, 'problem', None) or err})") from None
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -443,7 +521,7 @@ def load_config(
             raise FileNotFoundError(f"config file not found: {path}")
         text = path.read_text()
     if text:
-        loaded = yaml.safe_load(text)
+        loaded = _load_yaml(text, f"config {path}" if path is not None else "config")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError("config: the YAML top level must be a mapping of sections")
         values = loaded or {}
@@ -452,8 +530,36 @@ def load_config(
 
 
 def save_config(cfg: DADConfig, path: str | Path) -> Path:
-    """Write the resolved config as YAML (atomically); :func:`load_config` reads it back equal."""
+    """Write the resolved config as YAML (atomically); :func:`load_config` reads it back equal.
+
+    Credentials in the tracking URIs are the exception: they are written as ``***`` (:meth:`TrackingConfig.redacted`),
+    since a run folder is shared and versioned and a password must not be.
+    """
+    cfg = dataclasses.replace(cfg, tracking=cfg.tracking.redacted())
     return atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# The userinfo runs from // to the LAST @ before the first /: RFC 3986 allows @ in it only percent-encoded, but a raw
+# one (http://u:p@ss@host) must not leave half a password behind. A raw / in a password cannot be told from a path.
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)([^/]*)@")
+
+
+def split_userinfo(uri: str) -> tuple[str, str | None]:
+    """Split ``scheme://userinfo@host/...`` into the URI without its userinfo and the raw userinfo.
+
+    Returns:
+        ``(uri without "userinfo@", userinfo)``; ``(uri, None)`` when it has none.
+    """
+    match = _USERINFO.match(uri)
+    if match is None:
+        return uri, None
+    return match.group(1) + uri[match.end() :], match.group(2)
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with its userinfo (``user:password``, ``token``) shown as ``***``: ``http://***@host:5000``."""
+    clean, userinfo = split_userinfo(uri)
+    return clean.replace("://", "://***@", 1) if userinfo else uri
 
 
 def config_hash(section: Any) -> str:

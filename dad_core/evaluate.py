@@ -8,19 +8,24 @@ A *suite* is a folder of images in one of three layouts, always labelled through
 - ``corruption/severity/class-folders``: ``<suite>/<corruption>/<severity>/<class id>/*`` (ImageNet-C, digits-C).
 
 A suite may restrict the logits to a subset of the classes (ImageNet-R/A: 200 WordNet ids) and may carry
-per-corruption baseline errors (ImageNet-C: AlexNet's) that normalize the corruption error. The ImageNet suites
-live at fixed paths under a root (:data:`IMAGENET_SUITES`); any other suite describes itself with a
-``suite.json`` in its folder (``{"name", "kind", "layout"}``, optionally ``"subset"`` and ``"baseline_errors"``),
-which is how the embedded digits suites are found. Both kinds run through the same code.
+per-corruption baseline errors (ImageNet-C: AlexNet's) that normalize the corruption error, and the baseline's
+clean error (AlexNet's 43.45 %) for the relative CE. The ImageNet suites live at fixed paths under a root
+(:data:`IMAGENET_SUITES`); any other suite describes itself with a ``suite.json`` in its folder (``{"name", "kind",
+"layout"}``, optionally ``"subset"``, ``"baseline_errors"`` and ``"baseline_clean_error"``), which is how the
+embedded digits suites are found. Both kinds run through the same code.
 
 Protocol (DESIGN 3.6; the DAD reference's easyrobust benchmarks): top-1/top-5 accuracy everywhere; for a class
 subset, the logits are restricted to the subset's classes (kept in class-list order, which is sorted WordNet-id
-order for ImageNet) and labels are re-indexed into that order; for corruptions, the error of each corruption is
-averaged over its severities, ``CE_c = err_c / baseline_err_c`` and ``mCE = 100 * mean_c CE_c`` (Hendrycks &
-Dietterich, ICLR 2019, section 3). Without a baseline (digits-C) the unnormalized ``mce_unnormalized =
-mean_c err_c`` is reported instead, and ``relative_mce_unnormalized = mean_c (err_c - clean_err)`` when a clean
-suite ran. A suite that is absent is reported as ``{"status": "skipped", "reason": ...}``, never as zero, and
-stays out of every mean.
+order for ImageNet) and labels are re-indexed into that order. For corruptions (Hendrycks & Dietterich, ICLR 2019,
+section 3): ``CE_c = sum_s E_s,c / sum_s E^AlexNet_s,c`` over the five severities, ``mCE = 100 * mean_c CE_c``,
+and the relative ``CE_c = sum_s (E_s,c - E_clean) / sum_s (E^AlexNet_s,c - E^AlexNet_clean)``. The baseline holds
+AlexNet's mean over the five severities, so a CE exists only for a corruption with all five severities present; one
+with severities missing is flagged not comparable, reported with its raw mean error and left out of every mCE.
+Beside the normalized numbers (and alone without a baseline, as for digits-C) the unnormalized mean corruption
+error ``mce_unnormalized = mean_c err_c`` is reported, and ``relative_mce_unnormalized = mean_c (err_c -
+clean_err)`` when a clean suite ran. An mCE over fewer corruptions than the benchmark's 15 (the baseline's set)
+is reported under its own ``*_partial`` key with ``mce_corruptions``, never as the mCE. A suite that is absent is
+reported as ``{"status": "skipped", "reason": ...}``, never as zero, and stays out of every mean.
 
 Counts are exact under ``torch.distributed``: rank ``r`` of ``W`` scores samples ``r, r + W, ...`` (disjoint,
 no padded duplicates, unlike ``DistributedSampler``) and the correct counts are summed with ``all_reduce``.
@@ -50,13 +55,16 @@ from dad_core.errors import DADError
 from dad_core.io import atomic_path, atomic_write_json, atomic_write_text
 
 __all__ = [
+    "ALEXNET_CLEAN_ERROR",
     "IMAGENET_SUITES",
     "KINDS",
     "LAYOUTS",
+    "SEVERITIES",
     "SuiteSpec",
     "discover_suites",
     "evaluate_ood",
     "evaluate_suites",
+    "flat_metrics",
     "flatten_metrics",
     "imagenet_suite",
     "load_alexnet_errors",
@@ -76,6 +84,11 @@ INTEGER_FOLDERS = "integer-folders"
 CORRUPTION_FOLDERS = "corruption/severity/class-folders"
 LAYOUTS = (CLASS_FOLDERS, INTEGER_FOLDERS, CORRUPTION_FOLDERS)
 KINDS = ("clean", "shift", "rendition", "corruption")  # clean: the in-distribution reference; the rest are OOD
+SEVERITIES = ("1", "2", "3", "4", "5")  # ImageNet-C's severity folders; a corruption's CE needs all five
+# AlexNet's top-1 error on the clean ImageNet val set (43.45 %, shown as 43.5 in Hendrycks & Dietterich, ICLR 2019,
+# Table 1): E^AlexNet_clean in the denominator of the relative CE. The per-corruption errors are in
+# resources/alexnet_imagenet_c_errors.json (the same 15 values as AugMix's ALEXNET_ERR).
+ALEXNET_CLEAN_ERROR = 0.4345
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "eval_report.json", "eval_report.md", "accuracy.png"
 
@@ -91,6 +104,7 @@ class SuiteSpec:
     subset: tuple[str, ...] | None = None  # class ids the logits are restricted to (ImageNet-R/A); None = all
     # per-corruption error (fraction) normalizing CE; None = unnormalized. compare=False: a dict cannot be hashed
     baseline_errors: Mapping[str, float] | None = field(default=None, compare=False)
+    baseline_clean_error: float | None = None  # the baseline's clean error (fraction) for the relative CE
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -101,6 +115,14 @@ class SuiteSpec:
             raise ValueError(f"suite {self.name}: baseline_errors needs layout {CORRUPTION_FOLDERS!r}")
         if self.baseline_errors is not None and not all(0 < v <= 1 for v in self.baseline_errors.values()):
             raise ValueError(f"suite {self.name}: baseline errors are fractions in (0, 1]")
+        if self.baseline_clean_error is not None:
+            if self.baseline_errors is None:
+                raise ValueError(f"suite {self.name}: baseline_clean_error needs baseline_errors")
+            if not 0 <= self.baseline_clean_error < min(self.baseline_errors.values()):
+                raise ValueError(
+                    f"suite {self.name}: baseline_clean_error must be a fraction below every baseline error "
+                    "(the relative CE divides by their difference)"
+                )
 
 
 class _Registered(NamedTuple):
@@ -151,12 +173,14 @@ def imagenet_suite(name: str, root: str | Path) -> SuiteSpec:
         entry.layout,
         subset=load_wnids(name) if entry.subset else None,
         baseline_errors=load_alexnet_errors() if entry.baseline else None,
+        baseline_clean_error=ALEXNET_CLEAN_ERROR if entry.baseline else None,
     )
 
 
 def load_suite_spec(folder: str | Path) -> SuiteSpec:
     """Read ``folder/suite.json``: ``name`` (default: the folder name), ``kind``, ``layout`` (default class-folders),
-    optional ``subset`` (class ids) and ``baseline_errors`` ({corruption: error fraction}). Other keys are ignored.
+    optional ``subset`` (class ids), ``baseline_errors`` ({corruption: error fraction}) and ``baseline_clean_error``
+    (fraction). Other keys are ignored.
 
     Args:
         folder: the suite folder holding ``suite.json`` and the images.
@@ -179,6 +203,7 @@ def load_suite_spec(folder: str | Path) -> SuiteSpec:
             meta.get("layout", CLASS_FOLDERS),
             subset=tuple(subset) if subset is not None else None,
             baseline_errors=meta.get("baseline_errors"),
+            baseline_clean_error=meta.get("baseline_clean_error"),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise DADError(f"{path}: not a valid suite description ({type(err).__name__}: {err})") from err
@@ -323,7 +348,8 @@ class _Scorer:
             scores["top5"] = 100.0 * correct5 / count
         scores["count"] = count
         if self.progress and is_primary():
-            _logger.info("%s %s: top-1 %.2f over %d images", spec.name, folder.name, scores["top1"], count)
+            where = " s".join(folder.relative_to(spec.path).parts) or folder.name  # "gaussian_noise s1"
+            _logger.info("%s %s: top-1 %.2f over %d images", spec.name, where, scores["top1"], count)
         return scores
 
 
@@ -337,24 +363,37 @@ def _subfolders(path: Path) -> list[Path]:
 
 
 def _score_corruption(scorer: _Scorer, spec: SuiteSpec, folder: Path) -> dict[str, Any] | None:
-    """One corruption: accuracy averaged over its severities, with each severity's scores."""
+    """One corruption: accuracy and error averaged over the severities present, each severity's scores, and, when
+    all five severities are there and the suite has a baseline, its CE (else it is flagged not comparable)."""
     severities = {p.name: s for p in _subfolders(folder) if (s := scorer.score(p, spec)) is not None}
     if not severities:
         return None
     entry: dict[str, Any] = {"top1": _mean([s["top1"] for s in severities.values()])}
     if all("top5" in s for s in severities.values()):
         entry["top5"] = _mean([s["top5"] for s in severities.values()])
-    entry["error"] = 100.0 - entry["top1"]
-    if spec.baseline_errors is not None:
-        # CE_c = err_c / err_c(baseline) with both as fractions; error is in %, so this is already CE_c x 100
-        entry["ce"] = entry["error"] / spec.baseline_errors[folder.name]
+    entry["error"] = 100.0 - entry["top1"]  # the raw mean error over the severities present
+    missing = [s for s in SEVERITIES if s not in severities]
+    unexpected = sorted(set(severities) - set(SEVERITIES))
+    entry["comparable"] = not missing and not unexpected
+    if missing:
+        entry["severities_missing"] = missing
+    if unexpected:
+        entry["severities_unexpected"] = unexpected
+    if entry["comparable"] and spec.baseline_errors is not None:
+        # CE_c = sum_s E_s,c / sum_s E^AlexNet_s,c. The baseline is AlexNet's mean over the five severities, so with
+        # all five present CE_c = mean_s E_s,c / baseline_c; error is in %, so this is already CE_c x 100. With a
+        # severity missing, AlexNet's sum over the same severities is unknown, so there is no CE: dividing by the
+        # five-severity mean gave 112.8 for all wrong at gaussian_noise severity 1 alone, where the sums give ~144.
+        baseline = spec.baseline_errors[folder.name]
+        entry["ce"] = entry["error"] / baseline
+        entry["baseline_error"] = 100.0 * baseline
     entry["count"] = sum(s["count"] for s in severities.values())
     entry["severities"] = severities
     return entry
 
 
 def _evaluate_corruptions(scorer: _Scorer, spec: SuiteSpec) -> dict[str, Any]:
-    """Every corruption folder of a corruption suite; mCE over the corruptions present (x100, lower is better)."""
+    """Every corruption folder of a corruption suite: accuracy over all of them, mCE over the comparable ones."""
     folders = _subfolders(spec.path)
     if spec.baseline_errors is not None:
         ignored = [p.name for p in folders if p.name not in spec.baseline_errors]
@@ -369,12 +408,39 @@ def _evaluate_corruptions(scorer: _Scorer, spec: SuiteSpec) -> dict[str, Any]:
     if all("top5" in c for c in corruptions.values()):
         result["top5"] = _mean([c["top5"] for c in corruptions.values()])
     result["count"] = sum(c["count"] for c in corruptions.values())
-    result["mce_unnormalized"] = _mean([c["error"] for c in corruptions.values()])
+    result.update(_mce(spec, corruptions))
     if spec.baseline_errors is not None:
-        result["mce"] = _mean([c["ce"] for c in corruptions.values()])
         result["corruptions_missing"] = sorted(set(spec.baseline_errors) - set(corruptions))
     result["corruptions"] = corruptions
     return result
+
+
+def _mce(spec: SuiteSpec, corruptions: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """The mCE keys over the comparable corruptions; ``*_partial`` keys when fewer than the benchmark's set."""
+    flagged = sorted(name for name, c in corruptions.items() if not c["comparable"])
+    if flagged:
+        _logger.warning(
+            "suite %s: %s lack some of severities %s; not comparable: raw mean error reported, left out of the mCE",
+            spec.name,
+            flagged,
+            "-".join((SEVERITIES[0], SEVERITIES[-1])),
+        )
+    comparable = [c for c in corruptions.values() if c["comparable"]]
+    full = len(spec.baseline_errors if spec.baseline_errors is not None else load_alexnet_errors())
+    suffix = "" if len(comparable) >= full else "_partial"
+    out: dict[str, Any] = {"mce_corruptions": len(comparable), "mce_corruptions_full": full}
+    if comparable:
+        out[f"mce_unnormalized{suffix}"] = _mean([c["error"] for c in comparable])
+        if spec.baseline_errors is not None:
+            out[f"mce{suffix}"] = _mean([c["ce"] for c in comparable])
+        if suffix:
+            _logger.warning(
+                "suite %s: mCE over %d of %d corruptions, reported as *_partial", spec.name, len(comparable), full
+            )
+    if spec.baseline_clean_error is not None:
+        out["baseline_clean_error"] = 100.0 * spec.baseline_clean_error
+    out["corruptions_not_comparable"] = flagged
+    return out
 
 
 def _evaluate_suite(scorer: _Scorer, spec: SuiteSpec) -> dict[str, Any]:
@@ -479,13 +545,36 @@ def evaluate_ood(model: nn.Module, cfg: DADConfig, *, device: str | torch.device
     )
 
 
+def _with_relative(result: Mapping[str, Any], clean_error: float) -> dict[str, Any]:
+    """A corruption suite's result plus its relative corruption errors, given the model's clean error (%)."""
+    out = dict(result)
+    for key in ("mce_unnormalized", "mce_unnormalized_partial"):
+        if key in out:
+            out[f"relative_{key}"] = out[key] - clean_error
+    if "baseline_clean_error" not in out:
+        return out
+    corruptions = {name: dict(c) for name, c in out["corruptions"].items()}
+    for c in corruptions.values():
+        if "ce" in c:
+            # relative CE_c = sum_s (E_s,c - E_clean) / sum_s (E^AlexNet_s,c - E^AlexNet_clean), x100 (Hendrycks &
+            # Dietterich 2019, section 3); over all five severities the sums reduce to the severity means
+            c["relative_ce"] = 100.0 * (c["error"] - clean_error) / (c["baseline_error"] - out["baseline_clean_error"])
+    out["corruptions"] = corruptions
+    relative = [c["relative_ce"] for c in corruptions.values() if "relative_ce" in c]
+    if relative:
+        out["relative_mce" if "mce" in out else "relative_mce_partial"] = _mean(relative)
+    return out
+
+
 def summarize(suite_results: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     """The top-level report over per-suite results.
 
     ``clean_top1`` is the top-1 of the first clean suite that ran (``clean_suite`` names it; None when none ran).
     ``ood_mean_top1`` is the mean top-1 over the non-clean suites that ran (a corruption suite enters with its
-    mean top-1 over corruptions; None when none ran); ``ood_suites`` lists them. Corruption suites gain
-    ``relative_mce_unnormalized = mce_unnormalized - (100 - clean_top1)`` when a clean suite ran.
+    mean top-1 over corruptions; None when none ran); ``ood_suites`` lists them. When a clean suite ran, corruption
+    suites gain ``relative_mce_unnormalized = mce_unnormalized - (100 - clean_top1)`` and, with a baseline clean
+    error, each comparable corruption its ``relative_ce`` and the suite ``relative_mce`` (``*_partial`` beside a
+    partial mCE). The input is not modified.
     """
     ran = {name: r for name, r in suite_results.items() if r.get("status") == "ok"}
     clean = next((name for name, r in ran.items() if r["kind"] == "clean"), None)
@@ -494,8 +583,8 @@ def summarize(suite_results: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     suites = {name: dict(r) for name, r in suite_results.items()}
     if clean_top1 is not None:
         for name in ood:
-            if "mce_unnormalized" in suites[name]:
-                suites[name]["relative_mce_unnormalized"] = suites[name]["mce_unnormalized"] - (100.0 - clean_top1)
+            if "corruptions" in suites[name]:
+                suites[name] = _with_relative(suites[name], 100.0 - clean_top1)
     return {
         "clean_suite": clean,
         "clean_top1": clean_top1,
@@ -506,16 +595,26 @@ def summarize(suite_results: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-_FLAT_KEYS = ("top1", "top5", "mce", "mce_unnormalized", "relative_mce_unnormalized")
+_MCE_KEYS = ("mce", "relative_mce", "mce_unnormalized", "relative_mce_unnormalized")
+_FLAT_KEYS = ("top1", "top5", *_MCE_KEYS, *(f"{key}_partial" for key in _MCE_KEYS), "mce_corruptions")
 
 
 def flatten_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     """Scalar metrics for MLflow and KFP ``Metrics``: ``clean_top1``, ``ood_mean_top1`` and ``<suite>/<key>`` for
-    top1, top5, mce, mce_unnormalized and relative_mce_unnormalized. Absent values are left out, never zero."""
+    top1, top5, the mCE keys (mce, relative_mce, mce_unnormalized, relative_mce_unnormalized, each also as
+    ``*_partial``) and mce_corruptions. Absent values are left out, never zero."""
     flat = {key: float(report[key]) for key in ("clean_top1", "ood_mean_top1") if report.get(key) is not None}
     for name, result in report["suites"].items():
         flat.update({f"{name}/{key}": float(result[key]) for key in _FLAT_KEYS if key in result})
     return flat
+
+
+def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """A handful of numbers for ``dvc metrics show``: ``clean_top1``, ``ood_mean_top1`` and ``<suite>_top1`` for
+    every suite that ran (a corruption suite's mean over its corruptions). Absent values are left out."""
+    flat = {key: float(report[key]) for key in ("clean_top1", "ood_mean_top1") if report.get(key) is not None}
+    ran = {name: r for name, r in report["suites"].items() if r.get("status") == "ok" and "top1" in r}
+    return flat | {f"{name}_top1": float(r["top1"]) for name, r in ran.items()}
 
 
 def _fmt(value: float | None) -> str:
@@ -525,13 +624,21 @@ def _fmt(value: float | None) -> str:
 def _notes(result: Mapping[str, Any]) -> str:
     if result["status"] != "ok":
         return f"skipped: {result['reason']}"
-    if "mce" in result:
-        return f"mCE {result['mce']:.2f} (AlexNet-normalized)"
-    if "mce_unnormalized" in result:
-        relative = result.get("relative_mce_unnormalized")
-        extra = f", relative {relative:.2f}" if relative is not None else ""
-        return f"mCE (unnormalized, no baseline) {result['mce_unnormalized']:.2f}{extra}"
-    return ""
+    if "mce_corruptions" not in result:
+        return ""
+    n, full = result["mce_corruptions"], result["mce_corruptions_full"]
+    partial = "_partial" if n < full else ""
+    parts = [f"partial mCE over {n} of {full} corruptions (not comparable with a full mCE)"] if partial else []
+    for key, label in (("mce", "mCE (AlexNet-normalized)"), ("relative_mce", "relative mCE")):
+        if f"{key}{partial}" in result:
+            parts.append(f"{label} {result[key + partial]:.2f}")
+    if f"mce_unnormalized{partial}" in result:
+        relative = result.get(f"relative_mce_unnormalized{partial}")
+        extra = f" (relative {relative:.2f})" if relative is not None else ""
+        parts.append(f"mean corruption error {result['mce_unnormalized' + partial]:.2f}{extra}")
+    if result["corruptions_not_comparable"]:
+        parts.append(f"not comparable, severities missing: {', '.join(result['corruptions_not_comparable'])}")
+    return "; ".join(parts)
 
 
 def _markdown(report: Mapping[str, Any]) -> str:

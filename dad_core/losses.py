@@ -51,9 +51,11 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float =
 class DADLoss(nn.Module):
     """DAD objective in the two reference variants.
 
-    Variant A (default, the online reference): ``CE(s(x), y) + w·T²·KL(t(x)‖s(x)) + w·T²·KL(t(x_dad)‖s(x_dad))``
-    with w = 0.5 and T = 4, i.e. CE + 8·KL_clean + 8·KL_dad. No CE on DAD samples. When DAD samples are absent
-    (KD-only ablation) the last term is dropped.
+    Variant A (default, the online reference): ``CE(s(x), y) + w_c·T²·KL(t(x)‖s(x)) + w_a·T²·KL(t(x_dad)‖s(x_dad))``
+    with w_c = w_a = 0.5 and T = 4, i.e. CE + 8·KL_clean + 8·KL_dad. No CE on DAD samples. ``w_c`` and ``w_a`` are
+    ``LossConfig.kd_weights`` (``kd_clean_weight``, ``kd_adv_weight``; ``kd_weight`` for both unless set). When DAD
+    samples are absent (KD-only ablation) the last term is dropped; without teacher probabilities for the clean
+    batch (plain CE, both weights 0) the KL_clean term is dropped.
 
     Variant C (the offline reference): clean and DAD batches concatenated, one mixup over the joint batch,
     ``0.5·CE + 0.5·(0.5·CE + 0.5·T²·KL)`` = ``0.75·CE + 0.25·T²·KL`` on all 2B samples (= 0.75·CE + 4·KL at T=4).
@@ -65,14 +67,14 @@ class DADLoss(nn.Module):
             raise ValueError(f"unsupported loss variant {cfg.variant!r}; use 'A' or 'C'")
         self.variant = cfg.variant
         self.temperature = cfg.temperature
-        self.kd_weight = cfg.kd_weight
+        self.kd_clean_weight, self.kd_adv_weight = cfg.kd_weights
         self.label_smoothing = label_smoothing
 
     def forward(
         self,
         student_clean: Tensor,
         targets: Tensor,
-        teacher_clean: Tensor,
+        teacher_clean: Tensor | None = None,
         student_dad: Tensor | None = None,
         teacher_dad: Tensor | None = None,
         dad_targets: Tensor | None = None,
@@ -82,26 +84,35 @@ class DADLoss(nn.Module):
         Args:
             student_clean: student logits on the clean batch ``[B, K]`` (variant C: the joint batch ``[2B, K]``).
             targets: ``[B]`` labels or ``[B, K]`` soft targets for ``student_clean``.
-            teacher_clean: teacher probabilities at temperature T for the same images ``[B, K]``.
+            teacher_clean: teacher probabilities at temperature T for the same images ``[B, K]``; None only for
+                plain CE (variant A with a clean KL weight of 0).
             student_dad: student logits on the DAD batch (variant A), or None for the KD-only ablation.
             teacher_dad: teacher probabilities on the DAD batch (variant A).
             dad_targets: unused by variant A (no CE on DAD samples); kept for symmetry of call sites.
 
         Returns:
-            ``{"loss", "ce", "kd_clean", "kd_dad"}`` (variant C: ``{"loss", "ce", "kd"}``).
+            ``{"loss", "ce", "kd_clean", "kd_dad"}`` (``kd_clean`` only with ``teacher_clean``, ``kd_dad`` only with
+            DAD samples; variant C: ``{"loss", "ce", "kd"}``). The terms are unweighted and detached, for logging.
+
+        Raises:
+            ValueError: a teacher input the weights need is missing.
         """
         T = self.temperature
         ce = soft_cross_entropy(student_clean, targets, self.label_smoothing)
+        if teacher_clean is None and (self.variant == "C" or self.kd_clean_weight > 0):
+            raise ValueError("teacher_clean is needed unless the loss is plain CE (variant A, kd_clean_weight 0)")
         if self.variant == "C":
             kd = kd_kl_loss(student_clean, teacher_clean, T)
             return {"loss": 0.75 * ce + 0.25 * kd, "ce": ce.detach(), "kd": kd.detach()}
-        kd_clean = kd_kl_loss(student_clean, teacher_clean, T)
-        loss = ce + self.kd_weight * kd_clean
-        terms = {"ce": ce.detach(), "kd_clean": kd_clean.detach()}
+        loss, terms = ce, {"ce": ce.detach()}
+        if teacher_clean is not None:
+            kd_clean = kd_kl_loss(student_clean, teacher_clean, T)
+            loss = loss + self.kd_clean_weight * kd_clean
+            terms["kd_clean"] = kd_clean.detach()
         if student_dad is not None:
             if teacher_dad is None:
                 raise ValueError("variant A with DAD samples needs teacher_dad")
             kd_dad = kd_kl_loss(student_dad, teacher_dad, T)
-            loss = loss + self.kd_weight * kd_dad
+            loss = loss + self.kd_adv_weight * kd_dad
             terms["kd_dad"] = kd_dad.detach()
         return {"loss": loss, **terms}

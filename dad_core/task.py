@@ -58,8 +58,9 @@ def mix_batch(
 class DADTask(nn.Module):
     """Student + loss (+ the teacher in online mode) for one step.
 
-    Batch keys: ``clean``, ``dad`` (``[B, 3, H, W]`` in [0, 1]), ``label`` (``[B]``), and in cached mode
-    ``t_clean``, ``t_dad`` (teacher probabilities at temperature T, ``[B, K]``).
+    Batch keys: ``clean``, ``dad`` (``[B, 3, H, W]`` in [0, 1]; not needed without ``use_dad``), ``label`` (``[B]``),
+    and in cached mode ``t_clean``, ``t_dad`` (teacher probabilities at temperature T, ``[B, K]``). For plain CE
+    (``loss_cfg.uses_teacher`` false) no teacher runs and no teacher probabilities are read.
     """
 
     def __init__(
@@ -78,10 +79,14 @@ class DADTask(nn.Module):
         self.student = student
         self.teacher = teacher  # frozen; excluded from DDP because DDP wraps self.student only
         self.loss = DADLoss(loss_cfg)
-        self.num_classes, self.use_dad = num_classes, use_dad
+        # DAD samples enter variant A only through their KL term: with its weight at 0 they are left out entirely
+        # (not even through BatchNorm), so the weight alone decides their effect.
+        self.use_dad = use_dad and (loss_cfg.variant == "C" or loss_cfg.kd_weights[1] > 0)
+        self.num_classes = num_classes
         self.label_smoothing, self.mixup, self.cutmix = label_smoothing, mixup, cutmix
         self.temperature = loss_cfg.temperature
         self.variant = loss_cfg.variant
+        self.uses_teacher = loss_cfg.uses_teacher
 
     def _teacher_probs(self, batch: dict[str, Tensor], key: str, images: Tensor) -> Tensor:
         if self.teacher is None:
@@ -90,10 +95,11 @@ class DADTask(nn.Module):
             return soften(self.teacher(images), self.temperature)
 
     def forward(self, batch: dict[str, Tensor], rng: np.random.Generator | None = None) -> dict[str, Tensor]:
-        clean, dad, labels = batch["clean"], batch["dad"], batch["label"]
+        clean, labels = batch["clean"], batch["label"]
         targets: Tensor = labels
-        images = [clean, dad] if self.use_dad else [clean]
-        stored = [batch[k] for k in ("t_clean", "t_dad")[: len(images)]] if self.teacher is None else []
+        images = [clean, batch["dad"]] if self.use_dad else [clean]
+        cached = self.teacher is None and self.uses_teacher
+        stored = [batch[k] for k in ("t_clean", "t_dad")[: len(images)]] if cached else []
         if self.mixup > 0 or self.cutmix > 0:
             off = self.label_smoothing / self.num_classes
             one_hot = F.one_hot(labels, self.num_classes).float() * (1 - self.label_smoothing) + off
@@ -101,7 +107,9 @@ class DADTask(nn.Module):
                 images + stored, one_hot, mixup=self.mixup, cutmix=self.cutmix, rng=rng or np.random.default_rng()
             )
             images, stored = mixed[: len(images)], mixed[len(images) :]
-        t_clean = stored[0] if stored else self._teacher_probs(batch, "t_clean", images[0])
+        t_clean = None  # plain CE
+        if self.uses_teacher:
+            t_clean = stored[0] if stored else self._teacher_probs(batch, "t_clean", images[0])
         # One forward pass over clean + DAD: faster than two, and BatchNorm sees both (as in variant C).
         logits = self.student(torch.cat(images))
         s_clean = logits[: clean.shape[0]]

@@ -5,8 +5,13 @@ Layout of a cache directory::
     deps.json              what the cache depends on (teacher, VQGAN, attack, dataset, views, version)
     shard-00000.pt         one torch file per ``shard_size`` images (uint8 images, explicit labels, top-k probs)
     shard-00000.json       its sidecar: sample range, count, sha256 of the .pt (a shard is done when this exists)
-    manifest.json          deps + every shard's checksum; written once all shards are present
-    samples.png            clean vs DAD grid, for a person to look at
+    manifest.json          deps + every shard's checksum and diagnostics; written once all shards are present
+    samples.png            clean | VQ(x) | DAD | difference grid with the teacher's predictions, for a person to look at
+
+Survival diagnostics (:func:`dad_core.attack.measure_survival`: the teacher's top-1 on x, VQ(x), the attacked image
+before discretization and the DAD sample; the fraction of codes the attack changed; the pixel change versus
+VQ(VQ(x))) run on the first :data:`DIAGNOSTIC_IMAGES` images of each shard, not on every image: they cost about one
+more VQ round trip per diagnosed image. Each sidecar holds its shard's, the manifest their image-weighted mean.
 
 Shards are assigned round-robin (``shard k`` goes to worker ``k % num_shards``), written atomically, and
 skipped on a rerun when their sidecar and checksum agree, so a killed worker loses at most the shard in flight.
@@ -16,8 +21,10 @@ the mass spread evenly over the other classes on load (exact when k = number of 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,17 +37,21 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dad_core._version import __version__
-from dad_core.attack import Discretizer, generate_dad_samples
-from dad_core.config import DADConfig, config_to_dict
+from dad_core.attack import Discretizer, generate_dad_samples, measure_survival, trace_dad_samples
+from dad_core.config import AttackConfig, DADConfig, config_to_dict
 from dad_core.data import ImageFolderDataset, create_eval_transform, open_split
 from dad_core.errors import DADError
 from dad_core.io import atomic_path, atomic_write_json, save_torch, sha256_file
 from dad_core.losses import soften
+from dad_core.serialization import WeightsFileError, load_torch_file
 from dad_core.views import apply_view, sample_views
 
 __all__ = [
+    "DIAGNOSTIC_IMAGES",
+    "VERIFY_MODES",
     "CacheMismatchError",
     "TeacherCache",
+    "aggregate_diagnostics",
     "cache_dependencies",
     "cache_teacher",
     "dataset_hash",
@@ -51,6 +62,11 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 CACHE_FORMAT = "dad-teacher-cache/1"
+DIAGNOSTIC_IMAGES = 32  # survival diagnostics on the first images of each shard (about one more VQ round trip each)
+_PREVIEW_IMAGES = 8  # of those, kept in the shard (VQ(x), VQ(VQ(x)), predictions) for samples.png
+_STAGES = ("clean", "vq", "attacked", "dad")  # the columns of a shard's ``preview_pred``
+VERIFY_MODES = ("lazy", "full", "none")  # when load_teacher_cache / TeacherCache check the shards' sha256
+_VERIFIED_DIR = Path(tempfile.gettempdir()) / "dad-verified-shards"  # lazy verification's markers, one per file
 
 
 class CacheMismatchError(DADError):
@@ -142,8 +158,9 @@ def _make_shard(
     cfg: DADConfig,
     shard_id: int,
     device: torch.device,
-) -> dict[str, Tensor]:
-    """Compute one shard in memory: clean + DAD images, labels, soft labels, and R views of each."""
+) -> tuple[dict[str, Tensor], dict[str, float | None]]:
+    """Compute one shard in memory: clean + DAD images, labels, soft labels, and R views of each; and the survival
+    diagnostics of its first images."""
     from torch.utils.data import DataLoader, Subset
 
     gen = torch.Generator(device=device).manual_seed(cfg.cache.seed * 100_003 + shard_id)
@@ -154,17 +171,22 @@ def _make_shard(
         Subset(dataset, indices), batch_size=cfg.cache.batch_size, num_workers=cfg.data.num_workers, pin_memory=on_gpu
     )
     out: dict[str, list[Tensor]] = {key: [] for key in ("clean", "dad", "labels")}
+    diagnostics, preview = None, {}
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if on_gpu:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            dad = generate_dad_samples(teacher, vqgan, images, labels, cfg.attack, generator=gen)
+            if diagnostics is None:  # the shard's first batch
+                dad, diagnostics, preview = _diagnosed_batch(teacher, vqgan, images, labels, cfg.attack, gen)
+            else:
+                dad = generate_dad_samples(teacher, vqgan, images, labels, cfg.attack, generator=gen)
         out["clean"].append(_to_uint8(images))
         out["dad"].append(_to_uint8(dad))
         out["labels"].append(labels.cpu())
     shard = {key: torch.cat(value) for key, value in out.items()}
     shard["indices"] = torch.tensor(indices, dtype=torch.int64)
+    shard.update(preview)
     # Soft labels on exactly the stored (uint8) pixels, so replay at training time sees the same input.
     for name in ("clean", "dad"):
         probs = _batched_probs(teacher, shard[name], cfg.cache.batch_size, device, T, on_gpu)
@@ -177,7 +199,49 @@ def _make_shard(
             values, idx = _topk(probs, k)
             shard[f"view_{name}_topv"] = values.view(n, cfg.cache.views, -1)
             shard[f"view_{name}_topi"] = idx.view(n, cfg.cache.views, -1)
-    return shard
+    return shard, diagnostics
+
+
+def _diagnosed_batch(
+    teacher: nn.Module,
+    vqgan: Discretizer,
+    images: Tensor,
+    labels: Tensor,
+    attack: AttackConfig,
+    generator: torch.Generator,
+) -> tuple[Tensor, dict[str, float | None], dict[str, Tensor]]:
+    """A batch's DAD samples (the same as :func:`generate_dad_samples`), the survival diagnostics of its first
+    :data:`DIAGNOSTIC_IMAGES` images, and the preview of its first few for ``samples.png``."""
+    trace = trace_dad_samples(teacher, vqgan, images, labels, attack, generator=generator)
+    n = min(DIAGNOSTIC_IMAGES, len(labels))
+    survival = measure_survival(teacher, vqgan, images[:n], labels[:n], trace.first(n))
+    p = min(_PREVIEW_IMAGES, n)
+    preview = {
+        "preview_vq": _to_uint8(trace.vq[:p]),
+        "preview_reference": _to_uint8(survival.reference[:p]),  # VQ(VQ(x))
+        "preview_pred": torch.stack([survival.predictions[stage][:p] for stage in _STAGES], dim=1).int().cpu(),
+    }
+    return trace.dad, survival.metrics, preview
+
+
+def aggregate_diagnostics(per_shard: list[dict[str, float | None] | None]) -> dict[str, float | None]:
+    """Image-count-weighted mean of each survival metric over shards; a shard without a value (None: no code indices,
+    or a shard made before diagnostics existed) does not count for that metric.
+
+    Args:
+        per_shard: each shard's diagnostics (``images`` and the metrics of :func:`dad_core.attack.measure_survival`).
+
+    Returns:
+        ``images`` (their total) and each metric's weighted mean; ``{}`` when no shard has diagnostics.
+    """
+    shards = [d for d in per_shard if d]
+    keys = [key for key in dict.fromkeys(k for d in shards for k in d) if key != "images"]
+    out: dict[str, float | None] = {"images": sum(d["images"] for d in shards)} if shards else {}
+    for key in keys:
+        pairs = [(d["images"], d[key]) for d in shards if d.get(key) is not None]
+        weight = sum(w for w, _ in pairs)
+        out[key] = sum(w * v for w, v in pairs) / weight if weight else None
+    return out
 
 
 def _view_probs(
@@ -226,13 +290,20 @@ def _compiled(teacher: nn.Module, vqgan: Discretizer) -> tuple[nn.Module, Discre
     return teacher, vqgan
 
 
-def _write_shard(root: Path, shard_id: int, start: int, shard: dict[str, Tensor]) -> None:
+def _write_shard(
+    root: Path, shard_id: int, start: int, shard: dict[str, Tensor], diagnostics: dict[str, float | None]
+) -> None:
     """Save a shard atomically, then its sidecar: a shard counts as done only once the sidecar exists."""
     data_path, sidecar = _shard_paths(root, shard_id)
     save_torch(shard, data_path)
-    atomic_write_json(
-        sidecar, {"shard": shard_id, "start": start, "count": len(shard["labels"]), "sha256": sha256_file(data_path)}
-    )
+    info = {
+        "shard": shard_id,
+        "start": start,
+        "count": len(shard["labels"]),
+        "sha256": sha256_file(data_path),
+        "bytes": data_path.stat().st_size,  # lets a training run catch a truncated shard with a stat at start-up
+    }
+    atomic_write_json(sidecar, {**info, "diagnostics": diagnostics})
 
 
 def _check_deps(root: Path, deps: dict[str, Any]) -> None:
@@ -277,7 +348,9 @@ def cache_teacher(
         progress: show a progress bar.
 
     Returns:
-        A JSON-able report: shards written / skipped, images, images/s, paths, manifest state.
+        A JSON-able report: shards written / skipped, images, images/s, paths, manifest state, and the survival
+        diagnostics: ``shard_diagnostics`` (this worker's shards), ``diagnostics`` (their image-weighted mean) and
+        ``cache_diagnostics`` (the whole cache's, once the manifest exists).
 
     Raises:
         CacheMismatchError: ``output_dir`` holds a cache made from other inputs.
@@ -309,16 +382,17 @@ def cache_teacher(
                 continue
             lo = shard_id * cfg.cache.shard_size
             indices = list(range(lo, min(lo + cfg.cache.shard_size, len(dataset))))
-            shard = _make_shard(teacher, vqgan, dataset, indices, cfg, shard_id, device)
+            shard, diagnostics = _make_shard(teacher, vqgan, dataset, indices, cfg, shard_id, device)
             if pending is not None:
                 pending.result()
-            pending = writer.submit(_write_shard, root, shard_id, lo, shard)
+            pending = writer.submit(_write_shard, root, shard_id, lo, shard, diagnostics)
             written.append(shard_id)
             images += len(indices)
         if pending is not None:
             pending.result()
     seconds = time.perf_counter() - start
     manifest = finalize_cache(root, total_shards=total_shards, num_samples=len(dataset))
+    diagnostics = {i: (_read_json(_shard_paths(root, i)[1]) or {}).get("diagnostics") for i in mine}
     _logger.info(
         "cache worker %d/%d: %d shards written, %d skipped, %.1f images/s",
         shard_index,
@@ -339,6 +413,9 @@ def cache_teacher(
         "images_per_s": round(images / max(seconds, 1e-9), 2),
         "complete": manifest is not None,
         "manifest_sha256": sha256_file(root / "manifest.json") if manifest else None,
+        "diagnostics": aggregate_diagnostics(list(diagnostics.values())),
+        "shard_diagnostics": [{"shard": i, **d} for i, d in diagnostics.items() if d],
+        "cache_diagnostics": manifest["diagnostics"] if manifest else None,
     }
 
 
@@ -353,37 +430,88 @@ def finalize_cache(root: str | Path, *, total_shards: int, num_samples: int) -> 
         "num_samples": num_samples,
         "num_shards": total_shards,
         "shards": {f"shard-{s['shard']:05d}": s for s in sidecars},
+        "diagnostics_sample": f"the first {DIAGNOSTIC_IMAGES} images of each shard",
+        "diagnostics": aggregate_diagnostics([s.get("diagnostics") for s in sidecars]),
     }
     atomic_write_json(root / "manifest.json", manifest)
     _write_sample_grid(root, total_shards)
     return manifest
 
 
-def _write_sample_grid(root: Path, total_shards: int, n: int = 16) -> None:
-    """Clean images (top row) over their DAD samples (bottom row), spread over the whole cache (shards follow
-    class order, so the first shard alone would show one class)."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    clean, dad = [], []
-    for shard_id in sorted({round(i * (total_shards - 1) / max(n - 1, 1)) for i in range(n)}):
+def _preview_rows(root: Path, total_shards: int, n: int) -> list[tuple[list[Tensor], list[str]]]:
+    """Up to ``n`` previewed samples spread over the cache (shards follow class order, so the first shard alone would
+    show one class), taken round-robin over the shards: four uint8 ``[3, H, W]`` tiles (clean, VQ(x), DAD, amplified
+    difference) and their captions each."""
+    picks = []
+    shard_ids = sorted({round(i * (total_shards - 1) / max(n - 1, 1)) for i in range(n)})
+    for shard_id in shard_ids:
         shard = torch.load(_shard_paths(root, shard_id)[0], map_location="cpu", weights_only=True, mmap=True)
-        per_shard = max(1, n // total_shards)
-        picks = torch.linspace(0, len(shard["labels"]) - 1, per_shard).long()
-        clean.append(shard["clean"][picks])
-        dad.append(shard["dad"][picks])
-    clean, dad = torch.cat(clean)[:n], torch.cat(dad)[:n]
-    grid = make_grid(torch.cat([clean, dad]), nrow=len(clean), padding=2, pad_value=128)
-    atomic_path(root / "samples.png", lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, "PNG"))
+        picks += [(j, shard_id, shard) for j in range(len(shard.get("preview_pred", [])))]
+    rows = []
+    for j, _, shard in sorted(picks, key=lambda pick: pick[:2])[:n]:
+        clean, vq, attacked, dad = shard["preview_pred"][j].tolist()  # the teacher's top-1 on each of _STAGES
+        diff = (shard["dad"][j].float() - shard["preview_reference"][j].float()).abs().amax(dim=0)
+        peak = float(diff.max())
+        stretched = (diff * (255 / max(peak, 1e-9))).round().to(torch.uint8).expand(3, -1, -1)
+        tiles = [shard["clean"][j], shard["preview_vq"][j], shard["dad"][j], stretched]
+        label = int(shard["labels"][j])
+        rows.append(
+            (tiles, [f"y={label} pred {clean}", f"pred {vq}", f"pred {dad} (pre {attacked})", f"max {peak:.0f}/255"])
+        )
+    return rows
+
+
+def _write_sample_grid(root: Path, total_shards: int, n: int = 8, panels: int = 2) -> None:
+    """``samples.png``: ``n`` samples spread over the cache, one row each, in ``panels`` side-by-side panels whose
+    columns are clean | VQ(x) | DAD sample | ``|DAD - VQ(VQ(x))|`` (channel maximum, stretched to its own maximum so
+    a difference of one gray level shows). Under each image the teacher's top-1: on the clean image with the label,
+    on the DAD sample with its prediction before discretization in brackets, and the difference's maximum in /255.
+    Images are upscaled (nearest) to about 128 px so 32-px digits can be read."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = _preview_rows(root, total_shards, n)
+    if not rows:
+        return
+    height, width = rows[0][0][0].shape[-2:]
+    scale = max(1, round(128 / height))
+    tile_w, tile_h, pad, text_h = width * scale, height * scale, 4, 16
+    per_panel = -(-len(rows) // panels)
+    panels = -(-len(rows) // per_panel)
+    col_w, row_h = tile_w + pad, tile_h + text_h + pad
+    canvas = Image.new(
+        "RGB", (pad + panels * 4 * col_w + (panels - 1) * 3 * pad, pad + text_h + per_panel * row_h), "white"
+    )
+    draw = ImageDraw.Draw(canvas)
+    try:
+        font = ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1: the bitmap font only
+        font = ImageFont.load_default()
+    for i, (tiles, captions) in enumerate(rows):
+        panel, row = divmod(i, per_panel)
+        x0, y = pad + panel * (4 * col_w + 3 * pad), pad + text_h + row * row_h
+        for c, (tile, caption) in enumerate(zip(tiles, captions, strict=True)):
+            image = Image.fromarray(tile.permute(1, 2, 0).numpy()).resize((tile_w, tile_h), Image.NEAREST)
+            canvas.paste(image, (x0 + c * col_w, y))
+            draw.text((x0 + c * col_w, y + tile_h + 1), caption, fill="black", font=font)
+            if row == 0:
+                header = ("clean", "VQ(x)", "DAD sample", "|DAD - VQ(VQ(x))|")[c]
+                draw.text((x0 + c * col_w, pad), header, fill="black", font=font)
+    atomic_path(root / "samples.png", lambda tmp: canvas.save(tmp, "PNG"))
 
 
 @dataclass
 class TeacherCache:
-    """Read access to a finished cache; shards are memory-mapped and loaded on first use."""
+    """Read access to a finished cache; shards are memory-mapped and loaded on first use.
+
+    With ``verify="lazy"`` a shard's file is hashed when it is first opened and compared with the manifest's
+    sha256, once per machine (loader workers share a marker, see :func:`_verify_once`); a mismatch raises
+    :class:`CacheMismatchError` naming the file, which stops training.
+    """
 
     root: Path
     manifest: dict[str, Any]
     num_classes: int
+    verify: str = "none"  # one of VERIFY_MODES, set by load_teacher_cache; only "lazy" hashes here
 
     def __post_init__(self) -> None:
         self._shards: dict[int, dict[str, Tensor]] = {}
@@ -399,7 +527,12 @@ class TeacherCache:
     def shard(self, shard_id: int) -> dict[str, Tensor]:
         if shard_id not in self._shards:
             path = _shard_paths(self.root, shard_id)[0]
-            self._shards[shard_id] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            if self.verify == "lazy":
+                _verify_once(path, self.manifest["shards"][path.stem])
+            try:  # the product's safe loader: a pickled shard is refused in one line, nothing in it runs
+                self._shards[shard_id] = load_torch_file(path, mmap=True)
+            except WeightsFileError as err:
+                raise CacheMismatchError(f"teacher cache shard {err}") from None
         return self._shards[shard_id]
 
     def item(self, index: int) -> tuple[dict[str, Tensor], int]:
@@ -419,17 +552,120 @@ class TeacherCache:
         return expand_topk(values, indices, self.num_classes)
 
 
+# The config key behind each manifest field outside teacher/vqgan/attack (whose keys are <section>.<field>), so
+# that a mismatch names the key to pass. Checksums and hashes have none: only a rebuild (or the right file) fixes them.
+_CONFIG_KEYS = {
+    ("views", "views"): "cache.views",
+    ("views", "topk"): "cache.topk",
+    ("views", "seed"): "cache.seed",
+    ("views", "crop_scale"): "train.crop_scale",
+    ("views", "hflip"): "train.hflip",
+    ("views", "randaugment"): "train.randaugment",
+    ("views", "temperature"): "loss.temperature",
+    ("transform", "image_size"): "data.image_size",
+}
+
+
+def _config_key(section: str, field: str) -> str | None:
+    if section in ("teacher", "vqgan", "attack") and not field.endswith("sha256"):
+        return f"{section}.{field}"
+    return _CONFIG_KEYS.get((section, field))
+
+
+def _override(value: Any) -> str:
+    """``value`` as the right-hand side of ``-p key=value`` (a YAML scalar or flow list)."""
+    if isinstance(value, str):
+        return value or "''"
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _mismatch_message(root: Path, section: str, diff: list[str], have: Any, want: Any) -> str:
+    """Name what differs; for a config setting (e.g. ``cache.seed``) give both values and the two ways out."""
+    if not (isinstance(have, dict) and isinstance(want, dict)):
+        return (
+            f"teacher cache {root} does not match the training config: {section} differs in {diff} "
+            f"(cache: {have}, config: {want}); rebuild the cache"
+        )
+    names = {k: _config_key(section, k) for k in diff}
+    settable = all(names.values())
+    shown = {names[k] if settable else k: (have.get(k), want.get(k)) for k in diff}
+    values = "; ".join(f"{name}: {h!r} in the cache, {w!r} in the config" for name, (h, w) in shown.items())
+    message = f"teacher cache {root} does not match the training config: {section} differs in {diff} ({values})"
+    if not settable:
+        return f"{message}; rebuild the cache"
+    to_cache = " ".join(f"-p {name}={_override(h)}" for name, (h, _) in shown.items())
+    to_config = " ".join(f"-p {name}={_override(w)}" for name, (_, w) in shown.items())
+    return f"{message}; pass {to_cache} to train on this cache, or rebuild the cache (dad cache-teacher {to_config})"
+
+
+def _check_shard_files(root: Path, shards: dict[str, dict[str, Any]]) -> None:
+    """Every shard file exists and has the size its sidecar recorded: one ``stat`` per shard, no read."""
+    for name, info in shards.items():
+        path = root / f"{name}.pt"
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CacheMismatchError(f"{path}: missing; rerun cache-teacher") from None
+        want = info.get("bytes")  # caches written before sizes were recorded have none: existence only
+        if want is not None and size != want:
+            raise CacheMismatchError(
+                f"{path}: {size} bytes, its sidecar says {want}; delete it and rerun cache-teacher"
+            )
+
+
+def _verify_checksum(path: Path, info: dict[str, Any]) -> None:
+    if sha256_file(path) != info["sha256"]:
+        raise CacheMismatchError(f"{path}: checksum mismatch; delete it and rerun cache-teacher")
+
+
+def _verify_once(path: Path, info: dict[str, Any]) -> None:
+    """Lazy verification: hash ``path`` unless a process on this machine has already verified this very file.
+
+    DataLoader workers are new processes every epoch and each one opens most shards, so a check per process alone
+    would read the whole cache once per worker per epoch. A verified file leaves an empty marker in the machine's
+    temp folder (:data:`_VERIFIED_DIR`) named after its path, size, modification time and expected sha256; a file
+    changed since gets no marker and is hashed again. Markers guard against corruption, not against tampering.
+    """
+    stat = path.stat()
+    key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{info['sha256']}"
+    marker = _VERIFIED_DIR / hashlib.sha256(key.encode()).hexdigest()
+    if marker.exists():
+        return
+    _verify_checksum(path, info)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:  # a read-only temp folder: every process verifies for itself
+        pass
+
+
 def load_teacher_cache(
-    root: str | Path, *, num_classes: int, expected: dict[str, Any] | None = None, verify: bool = True
+    root: str | Path, *, num_classes: int, expected: dict[str, Any] | None = None, verify: str = "lazy"
 ) -> TeacherCache:
     """Open a finished cache, refusing one whose dependencies differ from ``expected``.
 
     Only the keys present in ``expected`` are compared, and inside ``teacher``/``vqgan`` a checksum of None means
-    "not known here" and is not compared.
+    "not known here" and is not compared. Every mode checks up front that each shard file exists with its recorded
+    size (a ``stat`` per shard).
+
+    Args:
+        root: the cache directory.
+        num_classes: the classes the soft labels expand to.
+        expected: dependencies to compare with the manifest's.
+        verify: ``lazy`` (default): each shard's sha256 is checked when it is first opened (once per machine),
+            so start-up reads no shard (ImageNet: 386 GB); ``full``: every shard is hashed here, before returning;
+            ``none``: no checksums.
+
+    Returns:
+        The opened cache.
 
     Raises:
-        CacheMismatchError: the cache is incomplete, a shard's checksum is wrong, or it was made from other inputs.
+        CacheMismatchError: the cache is incomplete, a shard is missing, has the wrong size or (``full``) the wrong
+            checksum, or it was made from other inputs.
+        ValueError: ``verify`` is not one of :data:`VERIFY_MODES`.
     """
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
     root = Path(root)
     manifest = _read_json(root / "manifest.json")
     if manifest is None:
@@ -441,16 +677,9 @@ def load_teacher_cache(
         else:
             diff = [] if have == want else [key]
         if diff:
-            raise CacheMismatchError(
-                f"teacher cache {root} does not match the training config: {key} differs in {diff} "
-                f"(cache: { {k: have.get(k) for k in diff} if isinstance(have, dict) else have }, "
-                f"config: { {k: want.get(k) for k in diff} if isinstance(want, dict) else want }); rebuild the cache"
-            )
-    if verify:
+            raise CacheMismatchError(_mismatch_message(root, key, diff, have, want))
+    _check_shard_files(root, manifest["shards"])
+    if verify == "full":
         for name, info in manifest["shards"].items():
-            path = root / f"{name}.pt"
-            if not path.is_file():
-                raise CacheMismatchError(f"{path}: missing; rerun cache-teacher")
-            if sha256_file(path) != info["sha256"]:
-                raise CacheMismatchError(f"{path}: checksum mismatch; delete it and rerun cache-teacher")
-    return TeacherCache(root, manifest, num_classes)
+            _verify_checksum(root / f"{name}.pt", info)
+    return TeacherCache(root, manifest, num_classes, verify=verify)

@@ -9,6 +9,7 @@ optimizer, scheduler, step, epoch, position in the epoch, RNG states) and logs t
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import time
@@ -24,13 +25,14 @@ from tqdm.auto import tqdm
 
 from dad_core.checkpoint import load_checkpoint, save_checkpoint
 from dad_core.config import DADConfig, config_hash, config_to_dict, save_config
-from dad_core.data import read_classes
+from dad_core.data import create_eval_transform, open_split, read_classes
 from dad_core.distributed import barrier, init_distributed, is_primary, set_seed
+from dad_core.errors import DADError
 from dad_core.io import atomic_write_json, sha256_if_file
 from dad_core.student import create_student, unwrap_model
 from dad_core.task import DADTask
 from dad_core.teacher_cache import cache_dependencies, dataset_hash, load_teacher_cache
-from dad_core.train_data import DADPairs, ResumableSampler
+from dad_core.train_data import CleanViews, DADPairs, ResumableSampler, replay_views
 
 __all__ = ["TrainState", "fit"]
 
@@ -133,10 +135,24 @@ class _Run:
             "mix_rng": self.mix_rng.bit_generator.state,
             "rng": _rng_state(),
         }
-        save_checkpoint(directory, payload, {**self.meta, "step": self.state.step, "epoch": self.state.epoch})
+        meta = {
+            **self.meta,
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "resume_config": _resume_view(self.cfg),
+        }
+        save_checkpoint(directory, payload, meta)
 
-    def load(self, directory: Path) -> None:
-        payload, _ = load_checkpoint(directory)
+    def load(self, directory: Path, *, allow_changed_config: bool = False) -> None:
+        payload, meta = load_checkpoint(directory)
+        changed = _config_changes(meta.get("resume_config"), _resume_view(self.cfg))
+        if changed and not allow_changed_config:
+            raise DADError(
+                f"--resume: {directory} was written under another config ({'; '.join(changed)}); rerun with the "
+                "original settings, or pass --resume-changed-config to continue under the new ones"
+            )
+        if changed:
+            _logger.warning("resuming under a changed config: %s", "; ".join(changed))
         unwrap_model(self.task.student).load_state_dict(payload["model"])
         if self.ema is not None and payload["ema"] is not None:
             self.ema.module.load_state_dict(payload["ema"])
@@ -147,13 +163,51 @@ class _Run:
         _set_rng_state(payload["rng"])
 
 
+# Settings that may change between a run and its resume: where things are, how they are logged and evaluated.
+_RESUME_FREE = (
+    "tracking.",
+    "registry.",
+    "eval.",
+    "data.root",
+    "cache.root",
+    "cache.verify",
+    "train.output_dir",
+    "train.num_workers",
+    "train.replay_on_device",  # the same views, replayed in the loader or on the device
+)
+
+
+def _resume_view(cfg: DADConfig) -> dict[str, Any]:
+    """The config as flat dotted keys (JSON values), without the settings a resume may change."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif not f"{prefix}{key}".startswith(_RESUME_FREE):
+                flat[f"{prefix}{key}"] = value
+
+    walk(json.loads(json.dumps(config_to_dict(cfg), default=str)), "")
+    return flat
+
+
+def _config_changes(stored: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """``key (old -> new)`` for every setting that differs; a checkpoint without a stored config has none."""
+    if stored is None:
+        return []
+    keys = sorted(set(stored) | set(current))
+    return [f"{k} ({stored.get(k)!r} -> {current.get(k)!r})" for k in keys if stored.get(k) != current.get(k)]
+
+
 def fit(
     cfg: DADConfig,
     data_root: str | Path,
-    cache_dir: str | Path,
+    cache_dir: str | Path | None,
     output_dir: str | Path,
     *,
     resume: bool = False,
+    resume_changed_config: bool = False,
     device: str | None = None,
     stop_after_steps: int | None = None,
     progress: bool = True,
@@ -165,9 +219,13 @@ def fit(
     Args:
         cfg: resolved configuration (``train``, ``loss``, ``cache``/``attack`` for the cache check, ...).
         data_root: the prepared dataset (class list, dataset hash, val split for per-epoch accuracy).
-        cache_dir: the teacher cache (DAD samples, labels, soft labels, stored views).
-        output_dir: gets ``checkpoint/`` (latest, for resume), ``model/`` (final), ``config.yaml``, ``report.json``.
-        resume: continue from ``output_dir/checkpoint`` if it exists.
+        cache_dir: the teacher cache (DAD samples, labels, soft labels, stored views). Plain CE (``cfg.loss`` with
+            both KL weights 0) never opens it and may pass None: it reads the train split of ``data_root``.
+        output_dir: gets ``checkpoint/`` (latest, for resume), ``model/`` (final), ``config.yaml``, ``report.json``,
+            ``train_curve.json`` (per epoch).
+        resume: continue from ``output_dir/checkpoint`` if it exists; refused when the checkpoint was written under
+            another config (the differing keys are named), unless ``resume_changed_config``.
+        resume_changed_config: resume even when training settings changed (logged as a warning).
         device: override the device (default: this rank's GPU, else CPU).
         stop_after_steps: stop after this many optimizer steps without a final save (simulates a kill; tests).
         progress: progress bar on rank 0.
@@ -175,27 +233,19 @@ def fit(
         replay_views_online: in online mode, replay the stored views instead of drawing fresh ones (tests).
 
     Returns:
-        Steps, epochs, final loss terms, val top-1, images/s, output paths.
+        Steps, epochs, final loss terms, val top-1 (with the test transform of ``dad evaluate``), images/s, paths.
+
+    Raises:
+        DADError: the loss needs a teacher but no ``cache_dir`` is given.
     """
     info, dev = init_distributed(device)
     data_root, output_dir = Path(data_root), Path(output_dir)
     set_seed(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
     classes = read_classes(data_root / "classes.txt")
-    # Rank 0 checks every shard's checksum (one read of the cache); the other ranks only check the manifest.
-    cache = load_teacher_cache(
-        cache_dir, num_classes=len(classes), expected=_expected_deps(cfg, data_root), verify=is_primary()
-    )
     online = cfg.train.teacher_mode == "online"
-    dataset = DADPairs(
-        cache,
-        image_size=cfg.data.image_size,
-        seed=cfg.train.seed,
-        replay=not online or replay_views_online,
-        with_teacher=not online,
-        crop_scale=cfg.train.crop_scale,
-        hflip=cfg.train.hflip,
-        randaugment=cfg.train.randaugment,
-    )
+    dataset, cache_manifest = _training_data(cfg, data_root, cache_dir, len(classes), online, replay_views_online)
+    if cache_manifest is None:
+        cache_dir = None  # plain CE: no cache was opened, so none enters the lineage
     sampler = ResumableSampler(
         len(dataset), batch_size=cfg.train.batch_size, rank=info.rank, world_size=info.world_size, seed=cfg.train.seed
     )
@@ -207,7 +257,7 @@ def fit(
         pin_memory=dev.type == "cuda",
         drop_last=True,
     )
-    run = _setup_run(cfg, classes, dev, info, sampler.batches_per_epoch, online, cache.manifest)
+    run = _setup_run(cfg, classes, dev, info, sampler.batches_per_epoch, online, cache_manifest)
     if tracker is None:
         from dad_core.tracking import create_tracker
 
@@ -216,8 +266,8 @@ def fit(
         )
     run.meta["mlflow_run_id"] = tracker.run_id  # evaluation logs its metrics into the same run
     checkpoint_dir = output_dir / "checkpoint"
-    if resume and (checkpoint_dir / "state.pt").is_file():
-        run.load(checkpoint_dir)
+    if resume and any((checkpoint_dir / name).is_file() for name in ("state.safetensors", "state.pt")):
+        run.load(checkpoint_dir, allow_changed_config=resume_changed_config)
         _logger.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             checkpoint_dir,
@@ -236,8 +286,42 @@ def fit(
         return _finish(run, cfg, data_root, output_dir, dev, tracker, report)
 
 
+def _training_data(
+    cfg: DADConfig, data_root: Path, cache_dir: str | Path | None, num_classes: int, online: bool, replay: bool
+) -> tuple[CleanViews | DADPairs, dict[str, Any] | None]:
+    """The training dataset and the manifest of the teacher cache it reads (None for plain CE, which reads none)."""
+    t = cfg.train
+    views = {"crop_scale": t.crop_scale, "hflip": t.hflip, "randaugment": t.randaugment}
+    if not cfg.loss.uses_teacher:
+        if cache_dir is not None:
+            _logger.info("plain CE (loss KL weights 0): the teacher cache %s is not used", cache_dir)
+        images = open_split(data_root, "train", create_eval_transform(cfg.data.image_size))  # the cache's transform
+        return CleanViews(images, image_size=cfg.data.image_size, seed=t.seed, **views), None
+    if cache_dir is None:
+        raise DADError(
+            "training with a KL term needs a teacher cache (--cache, or cache.root); only plain CE "
+            "(-p loss.kd_weight=0, variant A) trains without one"
+        )
+    # cache.verify lazy (default): every process hashes a shard when it first opens it, so start-up reads no shard;
+    # full: rank 0 hashes the whole cache first (one read of it), the other ranks check the files' sizes only.
+    verify = cfg.cache.verify if cfg.cache.verify != "full" or is_primary() else "none"
+    cache = load_teacher_cache(
+        cache_dir, num_classes=num_classes, expected=_expected_deps(cfg, data_root), verify=verify
+    )
+    dataset = DADPairs(
+        cache,
+        image_size=cfg.data.image_size,
+        seed=t.seed,
+        replay=not online or replay,
+        with_teacher=not online,
+        replay_on_device=t.replay_on_device,
+        **views,
+    )
+    return dataset, cache.manifest
+
+
 def _setup_run(
-    cfg: DADConfig, classes, dev: torch.device, info, batches_per_epoch: int, online: bool, cache_manifest: dict
+    cfg: DADConfig, classes, dev: torch.device, info, batches_per_epoch: int, online: bool, cache_manifest: dict | None
 ) -> _Run:
     t = cfg.train
     student = create_student(
@@ -255,14 +339,14 @@ def _setup_run(
         trained = nn.parallel.DistributedDataParallel(student, device_ids=[dev.index] if dev.type == "cuda" else None)
     if t.compile:
         trained = torch.compile(trained)
-    teacher = _build_teacher(cfg, list(classes.names), dev) if online else None
-    use_dad = cache_manifest["attack"]["mode"] != "none"
+    teacher = _build_teacher(cfg, list(classes.names), dev) if online and cfg.loss.uses_teacher else None
+    attack_mode = cache_manifest["attack"]["mode"] if cache_manifest is not None else "none"
     task = DADTask(
         trained,
         cfg.loss,
         num_classes=len(classes),
         teacher=teacher,
-        use_dad=use_dad,
+        use_dad=attack_mode != "none",
         label_smoothing=t.label_smoothing,
         mixup=t.mixup,
         cutmix=t.cutmix,
@@ -276,8 +360,8 @@ def _setup_run(
         "classes": list(classes.ids),
         "class_names": list(classes.names),
         "config_hash": config_hash(cfg),
-        "teacher_mode": t.teacher_mode,
-        "attack_mode": cache_manifest["attack"]["mode"],
+        "teacher_mode": t.teacher_mode if cfg.loss.uses_teacher else "none",
+        "attack_mode": attack_mode,
         "loss_variant": cfg.loss.variant,
         "world_size": info.world_size,
     }
@@ -321,7 +405,8 @@ def _loop(run: _Run, loader, sampler, dataset, dev, checkpoint_dir: Path, tracke
         sampler.set_epoch(st.epoch, st.batch_in_epoch)
         dataset.set_epoch(st.epoch)
         for batch in loader:
-            batch = _to_device(batch, dev, channels_last)
+            # train.replay_on_device: the loader sent uint8 images and their views; make the views here, batched
+            batch = _to_device(replay_views(_to_device(batch, dev, False), cfg.data.image_size), dev, channels_last)
             sync = (st.batch_in_epoch + 1) % accum == 0
             no_sync = run.model.no_sync if hasattr(run.model, "no_sync") and not sync else contextlib.nullcontext
             with no_sync(), _autocast(cfg, dev):
@@ -376,13 +461,14 @@ def _save(run: _Run, directory: Path) -> None:
     barrier()
 
 
-def _lineage(cfg: DADConfig, data_root: Path, cache_dir: str | Path) -> dict[str, str]:
+def _lineage(cfg: DADConfig, data_root: Path, cache_dir: str | Path | None) -> dict[str, str]:
     from dad_core.tracking import lineage_tags
 
+    teacher = f"{cfg.teacher.model_name}:{cfg.teacher.pretrained or cfg.teacher.checkpoint}"
     return lineage_tags(
         dataset_hash=dataset_hash(data_root),
-        cache_hash=sha256_if_file(Path(cache_dir) / "manifest.json"),
-        teacher=f"{cfg.teacher.model_name}:{cfg.teacher.pretrained or cfg.teacher.checkpoint}",
+        cache_hash=sha256_if_file(Path(cache_dir) / "manifest.json") if cache_dir is not None else None,
+        teacher=teacher if cfg.loss.uses_teacher else None,  # plain CE: no teacher
     )
 
 
@@ -409,17 +495,22 @@ def _ranks_in_sync(model: nn.Module) -> bool:
 
 
 def _finish(run: _Run, cfg: DADConfig, data_root: Path, output_dir: Path, dev, tracker, report) -> dict[str, Any]:
-    from dad_core.data import create_eval_transform, open_split
+    from dad_core.evaluate import resolve_eval_transform
     from dad_core.finetune import accuracy
 
     student = unwrap_model(run.task.student)
     in_sync = _ranks_in_sync(student)
-    evaluated = run.ema.module if run.ema is not None else student
-    val = open_split(data_root, "val", create_eval_transform(cfg.data.image_size))
+    evaluated = run.ema.module if run.ema is not None else student  # the weights load_student gives evaluate
+    # The test transform `dad evaluate` uses (eval.crop_pct / eval.interpolation, else the student's
+    # pretrained_cfg), so val_top1 is the clean top-1 evaluate reports for the same val images.
+    crop_pct, interpolation = resolve_eval_transform(evaluated, cfg.eval.crop_pct, cfg.eval.interpolation)
+    transform = create_eval_transform(cfg.data.image_size, crop_pct=crop_pct, interpolation=interpolation)
+    val = open_split(data_root, "val", transform)
     val_top1 = accuracy(evaluated, DataLoader(val, batch_size=256), dev) if is_primary() else None
     report = {
         **report,
         "val_top1": val_top1,
+        "val_transform": {"crop_pct": crop_pct, "interpolation": interpolation},
         "ranks_in_sync": in_sync,
         "world_size": run.meta["world_size"],
         "output_dir": str(output_dir),
@@ -433,6 +524,7 @@ def _finish(run: _Run, cfg: DADConfig, data_root: Path, output_dir: Path, dev, t
             run.meta,
         )
         atomic_write_json(output_dir / "report.json", report)
+        atomic_write_json(output_dir / "train_curve.json", run.state.history)  # per epoch: its last step's losses, lr
         tracker.log_metrics({"val_top1": val_top1}, step=run.state.step)
         for name in ("config.yaml", "report.json"):
             tracker.log_artifact(output_dir / name)

@@ -7,12 +7,22 @@
 ``--param`` sets a pipeline parameter (``--param num_shards=4``); a dotted key (``--param train.epochs=2``) is a
 config override that every step receives through the ``params`` list. The parameter defaults describe the cluster
 (``pipelines/platform.py``, the names ``k8s/`` creates); ``--local`` swaps in their local counterparts
-(:data:`LOCAL_DEFAULTS`) and runs the same pipeline with ``kfp.local`` on this machine.
+(:data:`LOCAL_DEFAULTS`) and runs the same pipeline with ``kfp.local`` on this machine, printing one line per step
+(``pipelines/local_console.py``; the steps' full logs go to ``<output-dir>/logs/<time>/``).
+
+The main knobs (:data:`KNOBS`: student model, epochs, attack mode, eps, loss variant) are typed parameters beside
+``params``; the first step, ``config_overrides``, appends the ones that are set to ``params``, so they win over a
+``params`` entry for the same key. The steps that resume (cache workers, training, evaluation) are retried
+(:data:`RETRIES`); caching is off for the steps whose inputs may change under the same name (``prepare_data``: a DVC
+branch or a folder; ``use_checkpoint``: a given URI) or that change state (``register_model``).
 
 Platform settings live here only, on tasks, through ``kfp.kubernetes``:
 
 * every step carries the client pod label (it may reach MLflow and the object store); the steps that read or write
-  object storage or MLflow get the S3 credentials Secret as environment variables;
+  object storage or MLflow get the S3 credentials Secret as environment variables, and the steps that talk to MLflow
+  its basic-auth credentials Secret, optionally (only ``k8s/overlays/prod`` creates it);
+* every step runs as the image's non-root user and gets CPU and memory requests and limits (:data:`STEP_RESOURCES`);
+  the rest of the *restricted* security context is the cluster's to enforce (``k8s/README.md``, "Trust boundary");
 * the GPU steps (teacher fine-tuning, VQGAN training, the cache workers, evaluation, and training when it runs
   in the step's own pod) get ``nvidia.com/gpu``, the GPU tolerations and the GPU node selector;
 * ``prepare_data`` mounts the datasets volume at :data:`DATASETS_MOUNT` (for ``data.source=folder``); the cache
@@ -49,6 +59,7 @@ from kfp import compiler, dsl, kubernetes  # noqa: E402
 
 from components._image import DAD_IMAGE  # noqa: E402
 from components.cache_teacher import cache_teacher, collect_teacher_cache, shard_indices  # noqa: E402
+from components.config_overrides import config_overrides  # noqa: E402
 from components.evaluate_ood import evaluate_ood  # noqa: E402
 from components.finetune_teacher import finetune_teacher, use_checkpoint  # noqa: E402
 from components.prepare_data import prepare_data  # noqa: E402
@@ -62,9 +73,13 @@ __all__ = [
     "GPU",
     "GPUS_PER_STEP",
     "GPU_TOLERATIONS",
+    "KNOBS",
     "LOCAL_DEFAULTS",
+    "RETRIES",
+    "STEP_RESOURCES",
     "WORK_MOUNT",
     "dad_pipeline",
+    "local_tracking_uri",
     "main",
 ]
 
@@ -79,13 +94,39 @@ LOCAL_DEFAULTS = {"backend": "local", "nproc_per_node": 2, "gpus_per_node": 0}
 # GPUs of each single-process GPU step. A literal: KFP 2.17 does not pass a parameter used only in a resource
 # setting into dsl.If / dsl.ParallelFor sub-DAGs, so a parameter here would fail those steps at run time.
 GPUS_PER_STEP = 1
+# The typed knobs beside `params` (config_overrides turns them into dotted overrides, after `params`).
+KNOBS = ("student_model", "epochs", "attack_mode", "eps", "loss_variant")
+RETRIES = 2  # of the steps that resume: the cache workers, training and evaluation
+# CPU and memory of each kind of step, (request, limit); literals for the same reason. "light": bookkeeping (shard
+# indices, checkpoint hand-over, the cache collector, the training launcher, registration); "data": prepare_data;
+# "gpu": the single-GPU steps; "train": training in the step's own pod, sized like a prod training node.
+STEP_RESOURCES = {
+    "light": {"cpu": ("250m", "1"), "memory": ("512Mi", "2Gi")},
+    "data": {"cpu": ("1", "4"), "memory": ("4Gi", "16Gi")},
+    "gpu": {"cpu": ("4", "8"), "memory": ("16Gi", "48Gi")},
+    "train": {"cpu": ("8", "16"), "memory": ("32Gi", "128Gi")},
+}
 
 
-def _client_pod(task: dsl.PipelineTask, s3_secret: Any = None) -> dsl.PipelineTask:
-    """Label the step as a client of MLflow and the object store; give it the S3 credentials when it uses them."""
+def _client_pod(
+    task: dsl.PipelineTask, size: str, s3_secret: Any = None, mlflow_secret: Any = None
+) -> dsl.PipelineTask:
+    """Label the step as a client of MLflow and the object store, size it and run it as the image's non-root user.
+
+    The step gets the S3 credentials when it uses the object store and the MLflow credentials when it talks to MLflow.
+    """
     kubernetes.add_pod_label(task, *platform.CLIENT_POD_LABEL)
+    uid = platform.RUN_AS_USER
+    kubernetes.set_security_context(task, run_as_user=uid, run_as_group=uid, run_as_non_root=True)
+    (cpu_request, cpu_limit), (memory_request, memory_limit) = STEP_RESOURCES[size].values()
+    task.set_cpu_request(cpu_request).set_cpu_limit(cpu_limit)
+    task.set_memory_request(memory_request).set_memory_limit(memory_limit)
     if s3_secret is not None:
         kubernetes.use_secret_as_env(task, s3_secret, {key: key for key in platform.S3_SECRET_KEYS})
+    if mlflow_secret is not None:
+        # Optional: a missing Secret (dev, whose MLflow needs no login) leaves the variables unset. An empty name
+        # cannot stand for "none": Kubernetes rejects a secretKeyRef without a name.
+        kubernetes.use_secret_as_env(task, mlflow_secret, {k: k for k in platform.MLFLOW_SECRET_KEYS}, optional=True)
     return task
 
 
@@ -94,6 +135,11 @@ def _on_gpu(task: dsl.PipelineTask, gpus: Any, tolerations: Any, node_selector: 
     kubernetes.add_toleration_json(task, tolerations)
     kubernetes.add_node_selector_json(task, node_selector)
     return task
+
+
+def _retried(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Retry a step that resumes (a preempted node, a lost pod): twice, after 1 and then 2 minutes."""
+    return task.set_retry(num_retries=RETRIES, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="600s")
 
 
 def _checkpoint(uri: Any, train: Any, label: str, **inputs: Any) -> dsl.PipelineTask:
@@ -105,7 +151,8 @@ def _checkpoint(uri: Any, train: Any, label: str, **inputs: Any) -> dsl.Pipeline
     with dsl.If(uri == "", name=f"no-{label}-checkpoint"):
         trained = train(**inputs)
     with dsl.Else(name=f"{label}-checkpoint-given"):
-        given = _client_pod(use_checkpoint(uri=uri)).set_display_name(f"use-{label}-checkpoint")
+        given = _client_pod(use_checkpoint(uri=uri), "light").set_display_name(f"use-{label}-checkpoint")
+        given.set_caching_options(False)  # the URI's contents may change under the same name
     chosen = dsl.OneOf(trained.outputs["Output"], given.output)
     importer = dsl.importer(artifact_uri=chosen, artifact_class=dsl.Model, reimport=False)
     return importer.set_display_name(f"import-{label}")
@@ -114,6 +161,11 @@ def _checkpoint(uri: Any, train: Any, label: str, **inputs: Any) -> dsl.Pipeline
 @dsl.pipeline(name=PIPELINE_NAME, description="Discrete Adversarial Distillation of a CLIP teacher into a timm student")
 def dad_pipeline(
     params: list = [],  # noqa: B006 - a KFP parameter default (compiled into the spec), never mutated
+    student_model: str = "",
+    epochs: int = 0,
+    attack_mode: str = "",
+    eps: float = 0.0,
+    loss_variant: str = "",
     teacher_checkpoint: str = "",
     vqgan_checkpoint: str = "",
     num_shards: int = 2,
@@ -129,6 +181,7 @@ def dad_pipeline(
     datasets_pvc: str = platform.DATASETS_PVC,
     cache_pvc: str = platform.CACHE_PVC,
     s3_secret: str = platform.S3_SECRET,
+    mlflow_secret: str = platform.MLFLOW_SECRET,
     gpu_tolerations: list = GPU_TOLERATIONS,  # noqa: B006 - as above
     gpu_node_selector: dict = {},  # noqa: B006 - as above
 ) -> str:
@@ -136,6 +189,12 @@ def dad_pipeline(
 
     Args:
         params: dotted config overrides for every step, e.g. ``["train.epochs=2"]`` (defaults: ``params.yaml``).
+        student_model: ``train.model``, a timm model name; empty: from ``params``/``params.yaml``.
+        epochs: ``train.epochs``; 0: from ``params``/``params.yaml``.
+        attack_mode: ``attack.mode`` (``dad``, ``vq_only``, ``random``, ``none``); empty: from ``params``.
+        eps: ``attack.eps``; 0: from ``params``/``params.yaml``.
+        loss_variant: ``loss.variant`` (``A`` or ``C``); empty: from ``params``/``params.yaml``. These five knobs
+            are appended after ``params``, so a knob that is set wins over a ``params`` entry for the same key.
         teacher_checkpoint: a fine-tuned teacher to use; empty: fine-tune one.
         vqgan_checkpoint: a VQGAN to use; empty: train one on the training images.
         num_shards: parallel cache workers.
@@ -151,26 +210,43 @@ def dad_pipeline(
         datasets_pvc: the datasets volume.
         cache_pvc: the teacher-cache volume, mounted as the workdir.
         s3_secret: the Secret with the S3 credentials.
+        mlflow_secret: the Secret with MLflow basic-auth credentials; optional: where it does not exist, the steps
+            talk to MLflow without them.
         gpu_tolerations: tolerations of the GPU pods.
         gpu_node_selector: node selector of the GPU pods.
     """
     gpu = {"tolerations": gpu_tolerations, "node_selector": gpu_node_selector}
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-    data = _client_pod(prepare_data(params=params), s3_secret)
+    knobs = {"student_model": student_model, "epochs": epochs, "attack_mode": attack_mode, "eps": eps}
+
+    def merged(name: str) -> Any:
+        task = config_overrides(params=given_params, loss_variant=loss_variant, **knobs).set_display_name(name)
+        return _client_pod(task, "light").output
+
+    given_params = params
+    params = merged("config-overrides")  # what every step gets
+    data = _client_pod(prepare_data(params=params), "data", s3_secret)
+    # Off: the source may change under the same settings (data.dvc_rev a branch, a data.source_dir folder).
+    data.set_caching_options(False)
     kubernetes.mount_pvc(data, datasets_pvc, DATASETS_MOUNT)
     dataset = data.outputs["dataset"]
 
-    def gpu_step(component: Any, **inputs: Any) -> dsl.PipelineTask:
-        return _on_gpu(_client_pod(component(dataset=dataset, params=params, **inputs)), GPUS_PER_STEP, **gpu)
+    def gpu_step(component: Any, secret: Any = None, **inputs: Any) -> dsl.PipelineTask:
+        inputs = {"params": params, **inputs}
+        task = _client_pod(component(dataset=dataset, **inputs), "gpu", mlflow_secret=secret)
+        return _on_gpu(task, GPUS_PER_STEP, **gpu)
 
     teacher = _checkpoint(teacher_checkpoint, gpu_step, "teacher", component=finetune_teacher)
     vqgan = _checkpoint(vqgan_checkpoint, gpu_step, "vqgan", component=train_vqgan)
 
     cache_dir = f"{workdir}/cache/{run_id}"
-    shards = _client_pod(shard_indices(num_shards=num_shards))
+    shards = _client_pod(shard_indices(num_shards=num_shards), "light")
     with dsl.ParallelFor(shards.output, name="cache-workers") as shard_index:
+        # Merged again in the loop: kfp.local (2.17) hands a loop body every other step's output parameter as the
+        # loop item, so the list made above would arrive there as the shard index.
         worker = gpu_step(
             cache_teacher,
+            params=merged("worker-config-overrides"),
             teacher=teacher.output,
             vqgan=vqgan.output,
             cache_dir=cache_dir,
@@ -178,7 +254,10 @@ def dad_pipeline(
             num_shards=num_shards,
         )
         kubernetes.mount_pvc(worker, cache_pvc, WORK_MOUNT)
-    collect = _client_pod(collect_teacher_cache(cache_dir=cache_dir, worker_reports=dsl.Collected(worker.output)))
+        _retried(worker)  # finished shards are skipped: a retry resumes
+    collect = _client_pod(
+        collect_teacher_cache(cache_dir=cache_dir, worker_reports=dsl.Collected(worker.output)), "light"
+    )
     kubernetes.mount_pvc(collect, cache_pvc, WORK_MOUNT)
 
     inputs = {
@@ -196,12 +275,15 @@ def dad_pipeline(
         **gpu,
     }
     with dsl.If(backend == "kubernetes", name="train-on-kubeflow-trainer"):
-        launcher = _client_pod(train_student(backend=backend, **inputs), s3_secret)
+        launcher = _client_pod(train_student(backend=backend, **inputs), "light", s3_secret, mlflow_secret)
         launcher.set_display_name("train-student-launcher")  # the GPUs go to the job's pods, not to this one
+        _retried(launcher)  # re-attaches to the job of this run
         kubernetes.mount_pvc(launcher, cache_pvc, WORK_MOUNT)
     with dsl.Else(name="train-in-step"):
-        in_step = _on_gpu(_client_pod(train_student(backend=backend, **inputs), s3_secret), gpus_per_node, **gpu)
+        in_step = _client_pod(train_student(backend=backend, **inputs), "train", s3_secret, mlflow_secret)
+        _on_gpu(in_step, gpus_per_node, **gpu)
         in_step.set_display_name("train-student")
+        _retried(in_step)  # --resume: continues from the last checkpoint
         kubernetes.mount_pvc(in_step, cache_pvc, WORK_MOUNT)
     student = dsl.importer(
         artifact_uri=dsl.OneOf(launcher.outputs["Output"], in_step.outputs["Output"]),
@@ -209,7 +291,8 @@ def dad_pipeline(
         reimport=False,
     ).set_display_name("import-student")
 
-    evaluation = gpu_step(evaluate_ood, student=student.output, mlflow_tracking_uri=mlflow_tracking_uri)
+    evaluation = gpu_step(evaluate_ood, mlflow_secret, student=student.output, mlflow_tracking_uri=mlflow_tracking_uri)
+    _retried(evaluation)
     registered = _client_pod(
         register_model(
             student=student.output,
@@ -220,8 +303,11 @@ def dad_pipeline(
             run_id=run_id,
             params=params,
         ),
+        "light",
         s3_secret,
+        mlflow_secret,
     )
+    registered.set_caching_options(False)  # it changes the registry: a cached result would register nothing
     return registered.outputs["Output"]
 
 
@@ -232,9 +318,9 @@ class UsageError(Exception):
     """A bad command line; main() prints it as one line."""
 
 
-def pipeline_parameters() -> dict[str, tuple[type, Any]]:
-    """The pipeline's parameters: name -> (type, default)."""
-    signature = inspect.signature(dad_pipeline.pipeline_func)
+def pipeline_parameters(pipeline: Any = None) -> dict[str, tuple[type, Any]]:
+    """The parameters of ``pipeline`` (default: :func:`dad_pipeline`): name -> (type, default)."""
+    signature = inspect.signature((pipeline or dad_pipeline).pipeline_func)
     return {name: (p.annotation, p.default) for name, p in signature.parameters.items()}
 
 
@@ -242,6 +328,8 @@ def _coerce(key: str, raw: str, kind: type) -> Any:
     try:
         if kind is int:
             return int(raw)
+        if kind is float:
+            return float(raw)
         if kind in (list, dict):
             value = json.loads(raw)
             if not isinstance(value, kind):
@@ -252,13 +340,13 @@ def _coerce(key: str, raw: str, kind: type) -> Any:
     return raw
 
 
-def parse_params(items: list[str]) -> dict[str, Any]:
+def parse_params(items: list[str], pipeline: Any = None) -> dict[str, Any]:
     """``["num_shards=4", "train.epochs=2"]`` -> pipeline arguments; dotted keys are appended to ``params``.
 
     Raises:
         UsageError: an item is not ``key=value``, names no pipeline parameter, or has a value of the wrong type.
     """
-    known, arguments, overrides = pipeline_parameters(), {}, []
+    known, arguments, overrides = pipeline_parameters(pipeline), {}, []
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -273,9 +361,20 @@ def parse_params(items: list[str]) -> dict[str, Any]:
             )
         else:
             arguments[key] = _coerce(key, raw, known[key][0])
+    from dad_core.config import redact_uri, split_userinfo  # torch-free
+
+    for key in ("mlflow_tracking_uri", "tracking.uri"):  # a run's parameters are stored and shown in the UI
+        value = arguments.get(key) or next((o.partition("=")[2] for o in overrides if o.startswith(f"{key}=")), "")
+        if split_userinfo(str(value))[1] is not None:
+            raise UsageError(
+                f"{key} must not carry credentials ({redact_uri(str(value))}): pipeline parameters are stored in "
+                "the run; give them through the MLflow Secret (k8s/README.md) or MLFLOW_TRACKING_USERNAME/PASSWORD"
+            )
     if overrides:
-        _check_config_overrides(overrides)
         arguments["params"] = [*arguments.get("params", []), *overrides]
+    knobs = {key: value for key, value in arguments.items() if key in KNOBS}
+    if overrides or knobs:  # the list the steps will get, as config_overrides merges it
+        _check_config_overrides(config_overrides.python_func(params=arguments.get("params", []), **knobs))
     return arguments
 
 
@@ -295,13 +394,13 @@ def _sorted(value: Any) -> Any:
     return [_sorted(item) for item in value] if isinstance(value, list) else value
 
 
-def _stable_header(text: str, arguments: dict[str, Any]) -> str:
+def _stable_header(text: str, arguments: dict[str, Any], pipeline: Any = None) -> str:
     """Print dict-valued defaults in the spec's header comment with sorted keys.
 
     KFP renders them in protobuf map order, which changes from one process to the next; the spec itself is sorted.
     """
     lines = text.splitlines(keepends=True)
-    for name, (kind, default) in pipeline_parameters().items():
+    for name, (kind, default) in pipeline_parameters(pipeline).items():
         prefix = f"#    {name}: {kind.__name__} [Default: "
         if kind in (list, dict):
             lines = [
@@ -311,11 +410,11 @@ def _stable_header(text: str, arguments: dict[str, Any]) -> str:
     return "".join(lines)
 
 
-def compile_pipeline(output: Path, arguments: dict[str, Any] | None = None) -> Path:
-    """Write the pipeline spec; the same arguments give the same bytes."""
+def compile_pipeline(output: Path, arguments: dict[str, Any] | None = None, pipeline: Any = None) -> Path:
+    """Write the spec of ``pipeline`` (default: :func:`dad_pipeline`); the same arguments give the same bytes."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(dad_pipeline, str(output), pipeline_parameters=arguments or None)
-    output.write_text(_stable_header(output.read_text(), arguments or {}))
+    compiler.Compiler().compile(pipeline or dad_pipeline, str(output), pipeline_parameters=arguments or None)
+    output.write_text(_stable_header(output.read_text(), arguments or {}, pipeline))
     return output
 
 
@@ -331,8 +430,8 @@ def _probe(host: str, timeout_s: float) -> None:
         raise UsageError(f"cannot reach Kubeflow Pipelines at {host}: {reason}") from None
 
 
-def submit(args: argparse.Namespace, arguments: dict[str, Any]) -> int:
-    """Compile the pipeline and start a run of it on the Kubeflow Pipelines backend at ``args.host``."""
+def submit(args: argparse.Namespace, arguments: dict[str, Any], pipeline: Any = None) -> int:
+    """Compile ``pipeline`` (default: :func:`dad_pipeline`) and start a run of it at ``args.host``."""
     import warnings
 
     import kfp
@@ -342,7 +441,7 @@ def submit(args: argparse.Namespace, arguments: dict[str, Any]) -> int:
     )
     _probe(args.host, args.timeout)
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(Path(tmp) / "dad_pipeline.yaml")
+        package = compile_pipeline(Path(tmp) / "pipeline.yaml", pipeline=pipeline)
         try:
             client = kfp.Client(host=args.host, namespace=args.namespace)
             run = client.create_run_from_pipeline_package(
@@ -366,18 +465,45 @@ def _absolute(value: str) -> str:
     return value if not value or "://" in value else str(Path(value).resolve())
 
 
+def local_tracking_uri(overrides: list[str]) -> str:
+    """The MLflow of a local run: ``MLFLOW_TRACKING_URI``, else ``tracking.uri`` (``params.yaml`` and the run's
+    dotted overrides), else ``./mlflow.db``. A ``--param mlflow_tracking_uri=...`` beats all three."""
+    from dad_core.config import load_config
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    params = Path("params.yaml")
+    uri = load_config(params if params.is_file() else None, overrides).tracking.uri
+    return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def _display_names(pipeline: Any) -> dict[str, str]:
+    """Component name -> the task's display name; ``kfp.local`` names tasks after their components."""
+    spec = pipeline.pipeline_spec
+    dags = [spec.root.dag, *(c.dag for c in spec.components.values() if c.HasField("dag"))]
+    return {t.component_ref.name.removeprefix("comp-"): t.task_info.name for dag in dags for t in dag.tasks.values()}
+
+
+def _create_schema(uri: str) -> None:
+    """Create the tables of a SQLite MLflow store now: parallel steps that each find a new file race to do it."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
 def run_local(output_dir: Path, arguments: dict[str, Any]) -> int:
-    """Run the whole pipeline here with ``kfp.local``; print where everything went."""
+    """Run the whole pipeline here with ``kfp.local``: one line per step, each step's log in a file, a summary."""
     from kfp import local
+
+    from pipelines.local_console import StepConsole, plain
 
     for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1"}.items():
         os.environ.setdefault(key, value)
     output_dir = output_dir.resolve()
-    db = Path("mlflow.db").resolve()
     arguments = {
         **LOCAL_DEFAULTS,
         "workdir": str(output_dir / "work"),
-        "mlflow_tracking_uri": f"sqlite:///{db}",
+        "mlflow_tracking_uri": local_tracking_uri(list(arguments.get("params", []))),
         **arguments,
     }
     for key in ("workdir", "teacher_checkpoint", "vqgan_checkpoint"):
@@ -385,17 +511,26 @@ def run_local(output_dir: Path, arguments: dict[str, Any]) -> int:
     Path(arguments["workdir"]).mkdir(parents=True, exist_ok=True)
     if not Path("params.yaml").is_file():
         print("note: no params.yaml in this folder: the steps run with the built-in defaults", file=sys.stderr)
-    runs = output_dir / "runs"
+    runs, logs = output_dir / "runs", output_dir / "logs" / time.strftime("%Y%m%d-%H%M%S")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs), raise_on_error=True)
-    start = time.monotonic()
+    print(f"running {PIPELINE_NAME} locally; each step's full log goes to {logs}/<step>.log", flush=True)
+    start, console = time.monotonic(), StepConsole(logs, names=_display_names(dad_pipeline))
     try:
-        result = dad_pipeline(**arguments)
+        with console:
+            if arguments["mlflow_tracking_uri"].startswith("sqlite:"):
+                _create_schema(arguments["mlflow_tracking_uri"])
+            result = dad_pipeline(**arguments)
     except RuntimeError as err:
-        raise UsageError(f"the local run failed: {str(err).splitlines()[0]} (the step's log is above)") from None
+        print(f"\n{console.summary()}", flush=True)
+        failed = console.failed()
+        where = f"its log: {failed.log}" if failed else f"the full log: {logs / 'pipeline.log'}"
+        raise UsageError(f"the local run failed: {plain(str(err)).splitlines()[0]}; {where}") from None
     run_dir = max(runs.iterdir(), key=lambda p: p.stat().st_mtime)
     uri = arguments["mlflow_tracking_uri"]
+    print(f"\n{console.summary()}")
     print(f"\nlocal run finished in {time.monotonic() - start:.0f}s")
     print(f"  outputs:          {run_dir}")
+    print(f"  logs:             {logs}")
     print(f"  shared workdir:   {arguments['workdir']}")
     print(f"  registered model: {result.output}")
     print(f"  MLflow UI:        mlflow ui --backend-store-uri {uri}")

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 -m dad_core.cli.evaluate ...   (exact counts: each rank scores a disjoint slice)
 
 Suites live under ``--suites-root`` (default ``eval.root``, else ``<data.root>/suites``); the classes come from
-``<data.root>/classes.txt``. Outputs: ``eval_report.json``, ``eval_report.md``, ``accuracy.png``, ``config.yaml``.
+``<data.root>/classes.txt``. Outputs: ``eval_report.json``, ``eval_report.md``, ``accuracy.png``, ``config.yaml``,
+and for DVC ``metrics.json`` (clean, OOD mean and per-suite top-1) and ``suite_top1.json`` (one row per suite).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 from dad_core.cli._common import add_config_args, config_from_args, run_main, setup_logging
 from dad_core.config import save_config
 from dad_core.distributed import cleanup_distributed, init_distributed, is_primary
-from dad_core.evaluate import evaluate_ood, save_report
+from dad_core.evaluate import evaluate_ood, flat_metrics, save_report
+from dad_core.io import atomic_write_json
 
 _logger = logging.getLogger("dad_core.cli.evaluate")
 
@@ -48,6 +50,9 @@ def _run(argv: list[str] | None) -> int:
         output = Path(cfg.eval.output_dir)
         paths = save_report(report, output)
         save_config(cfg, output / "config.yaml")
+        atomic_write_json(output / "metrics.json", flat_metrics(report))
+        rows = [{"suite": name, "top1": r["top1"]} for name, r in report["suites"].items() if r["status"] == "ok"]
+        atomic_write_json(output / "suite_top1.json", rows)
         _log_to_training_run(cfg, args.checkpoint, report, paths)
         clean, ood = report["clean_top1"], report["ood_mean_top1"]
         _logger.info("clean top-1 %s, OOD mean top-1 %s; report in %s", clean, ood, paths["json"])

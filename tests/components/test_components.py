@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model
+from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 
 from components.cache_teacher import cache_teacher, collect_teacher_cache, shard_indices
+from components.config_overrides import config_overrides
 from components.evaluate_ood import evaluate_ood
 from components.finetune_teacher import finetune_teacher, use_checkpoint
 from components.prepare_data import prepare_data
@@ -87,7 +88,7 @@ def test_finetune_teacher_returns_its_uri_and_logs_top1(tmp_path, monkeypatch):
 
 
 def test_use_checkpoint_hands_the_uri_on():
-    assert use_checkpoint.python_func(uri=" s3://models/teacher.pt ") == "s3://models/teacher.pt"
+    assert use_checkpoint.python_func(uri=" s3://models/teacher.safetensors ") == "s3://models/teacher.safetensors"
     with pytest.raises(ValueError, match="non-empty"):
         use_checkpoint.python_func(uri="  ")
 
@@ -117,7 +118,7 @@ def test_cache_teacher_worker_writes_into_the_shared_folder(tmp_path, monkeypatc
         "cache_teacher",
         lambda argv: _write_json(_value(argv, "--report"), {"images_per_s": 5.0, "complete": False}),
     )
-    teacher, vqgan = Model(uri=str(tmp_path / "teacher.pt")), Model(uri=str(tmp_path / "vqgan.ckpt"))
+    teacher, vqgan = Model(uri=str(tmp_path / "teacher.safetensors")), Model(uri=str(tmp_path / "vqgan.ckpt"))
 
     out = cache_teacher.python_func(
         dataset=Dataset(uri=str(tmp_path / "d")),
@@ -253,16 +254,26 @@ def test_train_student_kubernetes_stages_on_the_shared_volume(tmp_path, monkeypa
     assert inputs["student"].metadata["val_top1"] == 88.0
 
 
-def test_evaluate_ood_logs_every_numeric_value(tmp_path, monkeypatch):
+def test_evaluate_ood_logs_per_suite_scalars_and_an_html_report(tmp_path, monkeypatch):
+    suites = {
+        "digits": {"status": "ok", "kind": "clean", "top1": 90.0, "count": 10},
+        "digits-c": {"status": "ok", "kind": "corruption", "top1": 55.0, "count": 30},
+        "digits-r": {"status": "ok", "kind": "rendition", "top1": 65.0, "count": 20},
+        "imagenet-a": {"status": "skipped", "kind": "natural", "reason": "folder not found"},
+    }
+    summary = {"clean_suite": "digits", "clean_top1": 90.0, "ood_mean_top1": 60.0}
+    summary["ood_suites"] = ["digits-c", "digits-r"]
+
     def write(argv):
         out = Path(_value(argv, "--output"))
-        _write_json(out / "eval_report.json", {"clean_top1": 90.0, "ood_mean_top1": 60.0, "ok": True, "suites": {}})
+        _write_json(out / "eval_report.json", {**summary, "skipped": ["imagenet-a"], "suites": suites})
         (out / "eval_report.md").write_text("# report\n")
+        (out / "accuracy.png").write_bytes(b"\x89PNG\r\n\x1a\n")
 
     calls = _fake_cli(monkeypatch, "evaluate", write)
     dataset, student = Dataset(uri=str(tmp_path / "dataset")), Model(uri=str(tmp_path / "student"))
     evaluation, report = Artifact(uri=str(tmp_path / "ev" / "evaluation")), Markdown(uri=str(tmp_path / "ev" / "md"))
-    metrics = Metrics(uri=str(tmp_path / "ev" / "metrics"))
+    metrics, chart = Metrics(uri=str(tmp_path / "ev" / "metrics")), HTML(uri=str(tmp_path / "ev" / "chart"))
 
     mean = evaluate_ood.python_func(
         dataset=dataset,
@@ -271,6 +282,7 @@ def test_evaluate_ood_logs_every_numeric_value(tmp_path, monkeypatch):
         evaluation=evaluation,
         report=report,
         metrics=metrics,
+        chart=chart,
     )
 
     (argv,) = calls
@@ -278,8 +290,28 @@ def test_evaluate_ood_logs_every_numeric_value(tmp_path, monkeypatch):
     assert _value(argv, "--output") == evaluation.path
     assert _overrides(argv) == ["eval.batch_size=8", f"data.root={dataset.path}"]
     assert mean == 60.0
-    assert metrics.metadata == {"clean_top1": 90.0, "ood_mean_top1": 60.0}
+    assert metrics.metadata == {
+        "clean_top1": 90.0,
+        "ood_mean_top1": 60.0,
+        "digits_top1": 90.0,
+        "digits-c_top1": 55.0,
+        "digits-r_top1": 65.0,
+    }  # the skipped suite enters no metric
     assert Path(report.path).read_text() == "# report\n"
+    page = Path(chart.path).read_text()
+    assert page.count("<tr>") == 1 + len(suites) and "imagenet-a" in page and "55.00" in page
+    assert 'src="data:image/png;base64,iVBORw' in page  # the chart travels inside the page
+
+
+def test_config_overrides_appends_the_knobs_that_are_set():
+    params = ["train.epochs=2", "data.seed=1"]
+    assert config_overrides.python_func(params=params) == params  # nothing set: params as they are
+    merged = config_overrides.python_func(params=params, epochs=5, attack_mode="none", eps=0.05, loss_variant="C")
+    assert merged == [*params, "train.epochs=5", "attack.mode=none", "attack.eps=0.05", "loss.variant=C"]
+    from dad_core.config import load_config
+
+    cfg = load_config(None, merged)  # later entries win: the knob over the params entry
+    assert cfg.train.epochs == 5 and cfg.attack.mode == "none" and cfg.loss.variant == "C"
 
 
 def test_register_model_sets_the_challenger_with_lineage_tags(tmp_path, monkeypatch):

@@ -38,7 +38,7 @@ def workspace(tmp_path_factory):
     prepare_folder(source, base / "data", load_config(None, []).data, progress=False)
     torch.manual_seed(0)
     vqgan = VQGAN.from_config("tiny-f4").save_checkpoint(base / "vqgan.pt")  # random weights: plumbing only
-    teacher = base / "models" / "teacher.pt"
+    teacher = base / "models" / "teacher.safetensors"
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(base)  # the repository's params.yaml must not leak in: built-in defaults
         code = main(
@@ -73,7 +73,7 @@ def _no_params_yaml(tmp_path, monkeypatch):
 def test_finetune_teacher_writes_a_checkpoint_and_a_report(workspace):
     assert workspace["finetune_code"] == 0
     teacher = workspace["teacher"]
-    report = json.loads(teacher.with_name("teacher.pt.report.json").read_text())
+    report = json.loads(teacher.with_name("teacher.safetensors.report.json").read_text())
     assert report["epochs"] == 1 and report["steps"] == 72 // 64  # drop_last: one step per full batch of 64
     assert report["output"] == str(teacher) and report["sha256"] == sha256_file(teacher)
     assert 0 <= report["zero_shot_top1"] <= 100 and 0 <= report["top1"] <= 100

@@ -14,6 +14,7 @@ from dad_core.config import (
     CacheConfig,
     ConfigError,
     DADConfig,
+    LossConfig,
     TrainConfig,
     config_hash,
     config_to_dict,
@@ -56,7 +57,7 @@ def test_yaml_round_trip_of_a_non_default_config(tmp_path):
             "attack.eps=0.03",
             f"{CROP}=[0.5, 0.9]",
             "eval.suites=[a, b]",
-            "teacher.checkpoint=/x/teacher.pt",
+            "teacher.checkpoint=/x/teacher.safetensors",
             "vqgan.train.epochs=3",
         ]
     )
@@ -153,6 +154,10 @@ def test_unknown_key_in_a_file_is_named():
         ("train.ema_decay=1.0", "train.ema_decay"),
         ("loss.variant=B", "loss.variant"),
         ("loss.temperature=0", "loss.temperature"),
+        ("loss.kd_weight=-0.5", "loss.kd_weight"),
+        ("loss.kd_clean_weight=-1", "loss.kd_clean_weight"),
+        ("loss.kd_adv_weight=.inf", "loss.kd_adv_weight"),
+        ("loss.kd_adv_weight=.nan", "loss.kd_adv_weight"),
         (f"{CROP}=[0.9,0.5]", CROP),
         ("vqgan.train.epochs=0", "vqgan.train.epochs"),
         ("vqgan.precision=fp16", "vqgan.precision"),
@@ -187,6 +192,27 @@ def test_wrong_types_fail_naming_the_key(override, key):
         load_config(overrides=[override])
 
 
+def test_kd_weights_default_to_kd_weight_and_can_be_set_per_term():
+    assert LossConfig().kd_weights == (0.5, 0.5)
+    assert LossConfig(kd_weight=0.3).kd_weights == (0.3, 0.3)  # params files with only kd_weight keep working
+    assert LossConfig(kd_weight=0.3, kd_adv_weight=1.0).kd_weights == (0.3, 1.0)
+    assert LossConfig(kd_clean_weight=0.0, kd_adv_weight=0.0).kd_weights == (0.0, 0.0)
+    cfg = load_config(overrides=["loss.kd_clean_weight=0.25"])
+    assert cfg.loss.kd_weights == (0.25, 0.5) and cfg.loss.uses_teacher
+
+
+def test_plain_ce_is_variant_a_with_both_kd_weights_zero():
+    assert not LossConfig(kd_weight=0.0).uses_teacher
+    assert not LossConfig(kd_clean_weight=0.0, kd_adv_weight=0.0).uses_teacher
+    assert LossConfig(kd_weight=0.0, kd_adv_weight=0.1).uses_teacher
+    assert LossConfig(variant="C", kd_weight=0.0).uses_teacher  # variant C has fixed weights, KL included
+
+
+def test_per_term_kd_weights_are_refused_for_variant_c():
+    with pytest.raises(ConfigError, match=r"^loss\.kd_adv_weight: applies to variant A only"):
+        load_config(overrides=["loss.variant=C", "loss.kd_adv_weight=1"])
+
+
 def test_top_level_must_be_a_mapping():
     with pytest.raises(ConfigError):
         load_config(text="- a\n- b\n")
@@ -216,3 +242,24 @@ def test_repo_params_yaml_equals_the_dataclass_defaults():
     if not path.is_file():
         pytest.skip("params.yaml is not written yet (the lead adds it at the repo root)")
     assert load_config(path) == DADConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train: {lr: 0.1\n", r"config .*c\.yaml: not valid YAML at line 2"),
+        ("train:\n  lr: 0.1\n  lr: 0.2\n", r"config .*c\.yaml: duplicate key 'lr' at line 3"),
+        ("train: {}\ntrain: {}\n", r"duplicate key 'train'"),
+    ],
+)
+def test_malformed_or_ambiguous_yaml_is_a_one_line_config_error(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(tmp_path / "c.yaml")
+    assert "\n" not in str(info.value)
+
+
+def test_a_malformed_override_value_is_a_one_line_config_error():
+    with pytest.raises(ConfigError, match=r"override 'train.lr=\[1,2': not valid YAML") as info:
+        load_config(None, ["train.lr=[1,2"])
+    assert "\n" not in str(info.value)

@@ -112,27 +112,105 @@ def test_subset_rejects_folders_outside_it_and_unknown_ids(tmp_path):
         run([SuiteSpec("a", tmp_path / "a", subset=("n03", "n99"))])
 
 
-def test_corruption_suite_mce_with_baseline(tmp_path):
+def write_severities(root: Path, per_severity: dict[str, dict[str, list[int]]]) -> None:
+    """``root/<severity>/<class folder>/<i>.png`` for each severity's encoded predictions."""
+    for severity, predictions in per_severity.items():
+        write_folder(root / severity, predictions)
+
+
+CORRUPTION_LAYOUT = "corruption/severity/class-folders"
+
+
+def test_corruption_suite_mce_over_all_corruptions(tmp_path):
     root = tmp_path / "fake-c"
-    write_folder(root / "blur" / "1", {"n00": [0, 0], "n01": [1, 3]})  # 3/4 = 75
-    write_folder(root / "blur" / "2", {"n00": [5], "n01": [1]})  # 1/2 = 50 -> blur 62.5, error 37.5, CE 37.5/0.5 = 75
-    write_folder(root / "noise" / "1", {"n00": [2], "n01": [3]})  # 0
-    write_folder(root / "noise" / "2", {"n00": [0]})  # 100 -> noise 50, error 50, CE 50/0.8 = 62.5
-    write_folder(root / "speckle" / "1", {"n00": [0]})  # no baseline: left out
-    baseline = {"blur": 0.5, "noise": 0.8, "fog": 0.6}  # fog has no folder
+    write_folder(tmp_path / "val", {"n00": [0, 0, 0, 1]})  # clean top-1 75: clean error 25
+    # blur, per severity: 100, 50, 50, 50, 0 -> mean error 50 = 250 / 5; AlexNet's sum 5 x 50 -> CE 250/250 = 100
+    write_severities(root / "blur", {"1": {"n00": [0, 0]}, "5": {"n00": [1, 1]}})
+    write_severities(root / "blur", {s: {"n00": [0, 1]} for s in ("2", "3", "4")})
+    # noise: 25 at every severity -> error 75 -> CE 75 / 0.75 = 100
+    write_severities(root / "noise", {s: {"n01": [1, 0, 0, 0]} for s in ("1", "2", "3", "4", "5")})
+    baseline = {"blur": 0.5, "noise": 0.75}
     spec = SuiteSpec(
-        "fake-c", root, kind="corruption", layout="corruption/severity/class-folders", baseline_errors=baseline
+        "fake-c", root, "corruption", CORRUPTION_LAYOUT, baseline_errors=baseline, baseline_clean_error=0.25
     )
-    result = run([spec])["suites"]["fake-c"]
-    assert set(result["corruptions"]) == {"blur", "noise"}
-    assert result["corruptions"]["blur"]["ce"] == pytest.approx(75.0)
-    assert result["corruptions"]["noise"]["ce"] == pytest.approx(62.5)
-    assert result["corruptions"]["blur"]["severities"]["2"]["top1"] == pytest.approx(50.0)
-    assert result["mce"] == pytest.approx((75.0 + 62.5) / 2)
-    assert result["top1"] == pytest.approx((62.5 + 50.0) / 2)
-    assert result["mce_unnormalized"] == pytest.approx((37.5 + 50.0) / 2)
-    assert result["count"] == 9
-    assert result["corruptions_missing"] == ["fog"]
+    report = run([SuiteSpec("val", tmp_path / "val", kind="clean"), spec])
+    result = report["suites"]["fake-c"]
+    assert result["corruptions"]["blur"]["ce"] == pytest.approx(100.0)
+    assert result["corruptions"]["noise"]["ce"] == pytest.approx(100.0)
+    assert result["mce"] == pytest.approx(100.0)  # an AlexNet-like model scores 100, as AlexNet does
+    # relative CE: blur 100 (50 - 25) / (50 - 25) = 100; noise 100 (75 - 25) / (75 - 25) = 100
+    assert result["corruptions"]["blur"]["relative_ce"] == pytest.approx(100.0)
+    assert result["relative_mce"] == pytest.approx(100.0)
+    assert result["mce_unnormalized"] == pytest.approx((50.0 + 75.0) / 2)
+    assert result["relative_mce_unnormalized"] == pytest.approx(62.5 - 25.0)
+    assert result["mce_corruptions"] == 2 and result["corruptions_not_comparable"] == []
+    assert not any(key.endswith("_partial") for key in result)
+    assert result["count"] == 30
+
+
+def test_corruption_with_missing_severities_is_not_comparable_and_mce_is_partial(tmp_path, caplog):
+    root = tmp_path / "fake-c"
+    write_folder(tmp_path / "val", {"n00": [0, 0, 0, 1]})  # clean error 25
+    # blur: 100, 50, 50, 50, 0 -> error 50, CE 50 / 0.5 = 100, relative 100 (50 - 25) / (50 - 30) = 125
+    write_severities(root / "blur", {"1": {"n00": [0, 0]}, "5": {"n00": [1, 1]}})
+    write_severities(root / "blur", {s: {"n00": [0, 1]} for s in ("2", "3", "4")})
+    # noise: 75 at every severity -> error 25, CE 25 / 0.8 = 31.25, relative 100 (25 - 25) / (80 - 30) = 0
+    write_severities(root / "noise", {s: {"n01": [1, 1, 1, 0]} for s in ("1", "2", "3", "4", "5")})
+    write_severities(root / "fog", {"1": {"n00": [3, 3]}})  # severity 1 only, all wrong: raw error 100, no CE
+    write_severities(root / "speckle", {"1": {"n00": [0]}})  # no baseline: left out
+    baseline = {"blur": 0.5, "noise": 0.8, "fog": 0.6, "snow": 0.7}  # snow has no folder
+    spec = SuiteSpec(
+        "fake-c", root, "corruption", CORRUPTION_LAYOUT, baseline_errors=baseline, baseline_clean_error=0.3
+    )
+    report = run([SuiteSpec("val", tmp_path / "val", kind="clean"), spec])
+    result = report["suites"]["fake-c"]
+    assert set(result["corruptions"]) == {"blur", "fog", "noise"}
+    fog = result["corruptions"]["fog"]
+    assert fog["comparable"] is False and fog["severities_missing"] == ["2", "3", "4", "5"]
+    assert fog["error"] == pytest.approx(100.0)  # the raw mean error, reported
+    assert "ce" not in fog and "relative_ce" not in fog  # not 100 / 0.6 = 166.7 against a five-severity mean
+    assert result["corruptions_not_comparable"] == ["fog"]
+    assert "fog" in caplog.text and "not comparable" in caplog.text
+    assert result["corruptions"]["blur"]["ce"] == pytest.approx(100.0)
+    assert result["corruptions"]["noise"]["ce"] == pytest.approx(31.25)
+    assert "mce" not in result and "relative_mce" not in result  # 2 of 4 corruptions: only the partial keys
+    assert result["mce_partial"] == pytest.approx((100.0 + 31.25) / 2)
+    assert result["relative_mce_partial"] == pytest.approx((125.0 + 0.0) / 2)
+    assert result["mce_unnormalized_partial"] == pytest.approx((50.0 + 25.0) / 2)
+    assert result["relative_mce_unnormalized_partial"] == pytest.approx(37.5 - 25.0)
+    assert result["mce_corruptions"] == 2 and result["mce_corruptions_full"] == 4
+    assert result["top1"] == pytest.approx((50.0 + 75.0 + 0.0) / 3)  # accuracy still over every corruption scored
+    assert result["count"] == 10 + 20 + 2
+    assert result["corruptions_missing"] == ["snow"]
+    flat = flatten_metrics(report)
+    assert flat["fake-c/mce_partial"] == pytest.approx(65.625) and "fake-c/mce" not in flat
+    assert flat["fake-c/mce_corruptions"] == 2
+    markdown = save_report(report, tmp_path / "out")["markdown"].read_text()
+    assert "partial mCE over 2 of 4 corruptions" in markdown
+    assert "not comparable, severities missing: fog" in markdown
+
+
+def test_imagenet_c_all_wrong_at_severity_one_only_gets_no_ce(tmp_path):
+    # The bug this guards against: error 100 / AlexNet's five-severity mean 0.886428 = CE 112.8, where the formula
+    # (sum over the same severities) would divide by AlexNet's severity-1 error instead (~143.8).
+    write_severities(tmp_path / "imagenet-c" / "gaussian_noise", {"1": {"n00": [1, 2, 3]}})
+    result = run([imagenet_suite("imagenet-c", tmp_path)])["suites"]["imagenet-c"]
+    noise = result["corruptions"]["gaussian_noise"]
+    assert noise["comparable"] is False and noise["error"] == pytest.approx(100.0) and "ce" not in noise
+    assert result["mce_corruptions"] == 0 and result["mce_corruptions_full"] == 15
+    assert not {"mce", "mce_partial", "mce_unnormalized", "mce_unnormalized_partial"} & set(result)
+    assert result["corruptions_not_comparable"] == ["gaussian_noise"]
+    assert len(result["corruptions_missing"]) == 14
+    assert result["baseline_clean_error"] == pytest.approx(43.45)
+
+
+def test_baseline_clean_error_must_sit_below_the_corruption_errors(tmp_path):
+    with pytest.raises(ValueError, match="baseline_clean_error"):
+        SuiteSpec(
+            "c", tmp_path, "corruption", CORRUPTION_LAYOUT, baseline_errors={"fog": 0.4}, baseline_clean_error=0.5
+        )
+    with pytest.raises(ValueError, match="needs baseline_errors"):
+        SuiteSpec("c", tmp_path, "corruption", CORRUPTION_LAYOUT, baseline_clean_error=0.2)
 
 
 def write_digits_suites(root: Path) -> Path:
@@ -141,8 +219,9 @@ def write_digits_suites(root: Path) -> Path:
     write_folder(suites / "digits-val", {"0": [0, 1], "1": [1, 1]})  # 3/4 = 75
     write_folder(suites / "digits-r", {"0": [0], "2": [3]})  # 1/2 = 50
     write_folder(suites / "digits-c" / "gaussian_noise" / "1", {"0": [0], "1": [2]})  # 50
-    write_folder(suites / "digits-c" / "gaussian_noise" / "3", {"0": [4]})  # 0 -> noise 25, error 75
-    write_folder(suites / "digits-c" / "contrast" / "1", {"1": [1]})  # 100 -> contrast error 0
+    write_folder(suites / "digits-c" / "gaussian_noise" / "3", {"0": [4]})  # 0 -> noise 25, error 75 (2 of 5 sev.)
+    for severity in ("1", "2", "3", "4", "5"):
+        write_folder(suites / "digits-c" / "contrast" / severity, {"1": [1]})  # 100 -> contrast error 0
     for name, kind, layout in [
         ("digits-val", "clean", "class-folders"),
         ("digits-r", "rendition", "class-folders"),
@@ -159,10 +238,13 @@ def test_suite_json_discovery_and_summary(tmp_path):
     assert [s.name for s in specs] == ["digits-val", "digits-c", "digits-r", "imagenet-r"]
     report = run(specs, classes=DIGITS)
     digits_c = report["suites"]["digits-c"]
-    assert "mce" not in digits_c  # no AlexNet baseline for digits
+    assert "mce" not in digits_c and "mce_partial" not in digits_c  # no AlexNet baseline for digits
     assert digits_c["top1"] == pytest.approx(62.5)  # (25 + 100) / 2
-    assert digits_c["mce_unnormalized"] == pytest.approx(37.5)  # (75 + 0) / 2
-    assert digits_c["relative_mce_unnormalized"] == pytest.approx(12.5)  # 37.5 - (100 - 75)
+    assert digits_c["corruptions"]["gaussian_noise"]["error"] == pytest.approx(75.0)  # raw, severities 1 and 3
+    assert digits_c["corruptions_not_comparable"] == ["gaussian_noise"]
+    assert "mce_unnormalized" not in digits_c  # contrast alone is 1 of 15 corruptions: a partial mean only
+    assert digits_c["mce_unnormalized_partial"] == pytest.approx(0.0)
+    assert digits_c["relative_mce_unnormalized_partial"] == pytest.approx(-25.0)  # 0 - (100 - 75)
     assert report["clean_suite"] == "digits-val"
     assert report["clean_top1"] == pytest.approx(75.0)
     assert report["ood_mean_top1"] == pytest.approx((62.5 + 50.0) / 2)  # the skipped imagenet-r is not a zero
@@ -170,7 +252,7 @@ def test_suite_json_discovery_and_summary(tmp_path):
     assert "not found" in report["suites"]["imagenet-r"]["reason"]
     assert report["skipped"] == ["imagenet-r"]
     assert report["ood_suites"] == ["digits-c", "digits-r"]
-    assert flatten_metrics(report)["digits-c/mce_unnormalized"] == pytest.approx(37.5)
+    assert flatten_metrics(report)["digits-c/mce_unnormalized_partial"] == pytest.approx(0.0)
     assert "imagenet-r/top1" not in flatten_metrics(report)
 
 

@@ -164,6 +164,38 @@ def test_kd_weight_and_label_smoothing_are_applied():
     torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("clean_weight", "adv_weight"), [(0.25, 0.5), (0.5, 2.0), (0.0, 1.0), (1.0, 0.0)])
+def test_each_kd_weight_scales_only_its_own_term(clean_weight, adv_weight):
+    s, t, s_dad, t_dad, y = _terms()
+    cfg = LossConfig(kd_weight=0.7, kd_clean_weight=clean_weight, kd_adv_weight=adv_weight)  # kd_weight overridden
+    out = DADLoss(cfg)(s, y, soften(t, 4.0), s_dad, soften(t_dad, 4.0))
+    kd_clean, kd_dad = _hand_kl(s, t, 4.0), _hand_kl(s_dad, t_dad, 4.0)
+    expected = F.cross_entropy(s, y) + clean_weight * kd_clean + adv_weight * kd_dad
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["kd_clean"], kd_clean, rtol=1e-5, atol=1e-5)  # logged terms stay unweighted
+    torch.testing.assert_close(out["kd_dad"], kd_dad, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_follow_the_weights():
+    s, s_dad = _logits(0).requires_grad_(True), _logits(2).requires_grad_(True)
+    y, t, t_dad = _labels(), soften(_logits(1), 4.0), soften(_logits(3), 4.0)
+    DADLoss(LossConfig(kd_adv_weight=0.0))(s, y, t, s_dad, t_dad)["loss"].backward()
+    assert s.grad.abs().sum() > 0 and s_dad.grad.abs().sum() == 0  # the DAD term weighted 0 moves nothing
+    s.grad, s_dad.grad = None, None
+    DADLoss(LossConfig(kd_clean_weight=0.0))(s, y, t, s_dad, t_dad)["loss"].backward()
+    torch.testing.assert_close(s.grad, torch.autograd.grad(F.cross_entropy(s, y), s)[0])  # CE only on clean logits
+    assert s_dad.grad.abs().sum() > 0
+
+
+def test_plain_ce_needs_no_teacher_and_a_weighted_term_does():
+    s, _, _, _, y = _terms()
+    out = DADLoss(LossConfig(kd_weight=0.0))(s, y)
+    torch.testing.assert_close(out["loss"], F.cross_entropy(s, y))
+    assert set(out) == {"loss", "ce"}
+    with pytest.raises(ValueError, match="teacher_clean"):
+        DADLoss(LossConfig(kd_adv_weight=0.0))(s, y)  # the clean term still weighs 0.5
+
+
 def test_variant_c_is_three_quarters_ce_plus_quarter_t2_kl():
     s, t, _, _, y = _terms()
     soft_targets = F.softmax(_logits(5), dim=-1)  # mixup-style soft labels over the joint batch

@@ -257,7 +257,7 @@ def test_two_workers_make_the_same_cache_as_one(numbered_root, numbered_cache, t
         load_teacher_cache(out, num_classes=NUMBERED_CLASSES)
     second = _cache_numbered(numbered_root, out, shard_index=1, num_shards=2)
     assert second["shards_written"] == [1, 3, 5] and second["complete"]
-    cache = load_teacher_cache(out, num_classes=NUMBERED_CLASSES)  # verifies every checksum
+    cache = load_teacher_cache(out, num_classes=NUMBERED_CLASSES, verify="full")  # every checksum
     shards = cache.manifest["shards"]
     assert sorted(shards) == [f"shard-{i:05d}" for i in range(6)] and cache.manifest["num_samples"] == 144
     for name, info in shards.items():
@@ -354,6 +354,22 @@ def test_load_refuses_a_cache_made_from_other_inputs(numbered_root, numbered_cac
             load_teacher_cache(out, num_classes=NUMBERED_CLASSES, expected=want)
 
 
+def test_a_seed_mismatch_names_cache_seed_both_values_and_the_fix(numbered_root, numbered_cache):
+    out, _ = numbered_cache
+    want = cache_dependencies(
+        _numbered_cfg("cache.seed=7"),
+        dataset=dataset_hash(numbered_root),
+        teacher_checkpoint_sha256=TEACHER_SHA,
+        vqgan_checkpoint_sha256=None,
+    )
+    with pytest.raises(CacheMismatchError) as err:
+        load_teacher_cache(out, num_classes=NUMBERED_CLASSES, expected=want)
+    message = str(err.value)
+    assert "cache.seed: 0 in the cache, 7 in the config" in message
+    assert "pass -p cache.seed=0 to train on this cache" in message
+    assert "rebuild the cache (dad cache-teacher -p cache.seed=7)" in message
+
+
 def test_writing_into_a_cache_made_from_other_inputs_raises(numbered_root, numbered_cache, tmp_path):
     single, _ = numbered_cache
     out = tmp_path / "cache"
@@ -374,16 +390,261 @@ def test_writing_into_a_cache_made_from_other_inputs_raises(numbered_root, numbe
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing was touched
 
 
-@pytest.mark.parametrize(("damage", "message"), [(_flip_a_byte, "checksum mismatch"), (_kill_data, "missing")])
-def test_a_damaged_shard_fails_verification_naming_the_file(numbered_cache, tmp_path, damage, message):
+@pytest.mark.parametrize(
+    ("damage", "verify", "message"),
+    [
+        (_flip_a_byte, "full", "checksum mismatch"),
+        (_kill_data, "lazy", "missing"),  # up front in every mode: a stat per shard
+        (_kill_data, "none", "missing"),
+        (_truncate, "lazy", r"\d+ bytes, its sidecar says \d+"),
+    ],
+)
+def test_a_damaged_shard_fails_verification_naming_the_file(numbered_cache, tmp_path, damage, verify, message):
     single, _ = numbered_cache
     out = tmp_path / "cache"
     shutil.copytree(single, out)
     damage(out / "shard-00004.pt")
     with pytest.raises(CacheMismatchError, match=rf"shard-00004\.pt: {message}"):
-        load_teacher_cache(out, num_classes=NUMBERED_CLASSES)
+        load_teacher_cache(out, num_classes=NUMBERED_CLASSES, verify=verify)
+
+
+@pytest.fixture(autouse=True)
+def _own_verified_markers(tmp_path, monkeypatch):
+    """Lazy verification's per-machine markers in this test's folder, not the machine's temp folder."""
+    import dad_core.teacher_cache as tc
+
+    monkeypatch.setattr(tc, "_VERIFIED_DIR", tmp_path / "verified-markers")
+
+
+def _hash_spy(monkeypatch) -> list[str]:
+    """Record the name of every file ``dad_core.teacher_cache`` hashes (still hashing it)."""
+    import dad_core.teacher_cache as tc
+
+    hashed: list[str] = []
+
+    def spy(path, *args, **kwargs):
+        hashed.append(Path(path).name)
+        return sha256_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(tc, "sha256_file", spy)
+    return hashed
+
+
+def test_lazy_open_reads_no_shard_and_a_corrupt_one_stops_the_loader_naming_it(numbered_cache, tmp_path, monkeypatch):
+    from dad_core.train_data import DADPairs
+
+    single, _ = numbered_cache
+    out = tmp_path / "cache"
+    shutil.copytree(single, out)
+    _flip_a_byte(out / "shard-00004.pt")
+    hashed = _hash_spy(monkeypatch)
+
+    cache = load_teacher_cache(out, num_classes=NUMBERED_CLASSES)  # start-up: succeeds, hashes nothing
+
+    assert hashed == []
+    pairs = DADPairs(cache, image_size=16, seed=0, replay=True, with_teacher=True, crop_scale=(0.35, 1.0), hflip=0.5)
+    for index in (0, 1, 24, 25, 99):  # shards 0, 0, 0, 1, 3: each hashed once, when first opened
+        pairs[index]
+    assert hashed == ["shard-00000.pt", "shard-00001.pt", "shard-00003.pt"]
+    with pytest.raises(CacheMismatchError, match=r"shard-00004\.pt: checksum mismatch"):
+        pairs[100]
+    assert 4 not in cache._shards  # never loaded: a retry raises again
+    # another process on this machine (a loader worker of the next epoch) trusts the verified files' markers
+    again = load_teacher_cache(out, num_classes=NUMBERED_CLASSES)
+    again.shard(0), again.shard(1)
+    with pytest.raises(CacheMismatchError, match=r"shard-00004\.pt"):
+        again.shard(4)
+    assert hashed == ["shard-00000.pt", "shard-00001.pt", "shard-00003.pt", "shard-00004.pt", "shard-00004.pt"]
+    # a file changed after it was verified has no marker: hashed again
+    _flip_a_byte(out / "shard-00000.pt")
+    with pytest.raises(CacheMismatchError, match=r"shard-00000\.pt"):
+        load_teacher_cache(out, num_classes=NUMBERED_CLASSES).shard(0)
+
+
+def test_a_corrupt_shard_stops_multi_worker_loading_naming_the_file(numbered_cache, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from dad_core.train_data import DADPairs
+
+    single, _ = numbered_cache
+    out = tmp_path / "cache"
+    shutil.copytree(single, out)
+    _flip_a_byte(out / "shard-00004.pt")
+    cache = load_teacher_cache(out, num_classes=NUMBERED_CLASSES)
+    pairs = DADPairs(cache, image_size=16, seed=0, replay=True, with_teacher=True, crop_scale=(0.35, 1.0), hflip=0.5)
+    loader = DataLoader(pairs, batch_size=25, num_workers=2)  # each worker opens (and hashes) its shards itself
+
+    with pytest.raises(CacheMismatchError, match=r"shard-00004\.pt: checksum mismatch"):
+        for _ in loader:
+            pass
+
+
+@pytest.mark.parametrize("online", [False, True])  # replay a stored view | draw a fresh one (teacher_mode online)
+def test_device_replay_gives_the_cpu_replays_views_and_pixels(numbered_cache, online):
+    from torch.utils.data import default_collate
+
+    from dad_core.train_data import DADPairs, replay_views
+    from dad_core.views import sample_view
+
+    out, _ = numbered_cache
+    cache = load_teacher_cache(out, num_classes=NUMBERED_CLASSES)
+    kwargs = dict(image_size=16, seed=3, replay=not online, with_teacher=not online, crop_scale=(0.2, 1.0), hflip=0.5)
+    on_cpu, on_device = DADPairs(cache, **kwargs), DADPairs(cache, replay_on_device=True, **kwargs)
+    on_cpu.set_epoch(2)
+    on_device.set_epoch(2)
+    indices = [0, 5, 30, 77, 143]
+
+    items = [on_device[i] for i in indices]
+
+    for index, item in zip(indices, items, strict=True):  # the view is drawn exactly as the CPU path draws it
+        shard, offset = cache.item(index)
+        rng = np.random.default_rng([3, 2, index])
+        if online:
+            v = sample_view(*shard["clean"].shape[-2:], rng, scale=(0.2, 1.0), hflip=0.5)
+            want = torch.tensor([v.top, v.left, v.height, v.width, int(v.flip), v.seed])
+        else:
+            want = shard["views"][offset, int(rng.integers(0, cache.views))]
+        assert torch.equal(item["view"], want)
+        assert item["clean"].dtype == torch.uint8 and torch.equal(item["clean"], shard["clean"][offset])
+    flips = [int(item["view"][4]) for item in items]  # the stored views were drawn with train.hflip 0
+    assert (0 < sum(flips) < len(flips)) if online else sum(flips) == 0
+    device_batch = replay_views(default_collate(items), 16)
+    cpu_batch = default_collate([on_cpu[i] for i in indices])
+    assert device_batch.keys() == cpu_batch.keys()
+    for key, value in cpu_batch.items():  # on a CPU the same ops: equal (a GPU's kernels round differently)
+        torch.testing.assert_close(device_batch[key], value, atol=1e-6, rtol=0)
+
+
+def test_device_replay_falls_back_to_the_cpu_with_randaugment(numbered_cache):
+    from dad_core.train_data import DADPairs
+
+    cache = load_teacher_cache(numbered_cache[0], num_classes=NUMBERED_CLASSES)
+    kwargs = dict(image_size=16, seed=0, replay=True, with_teacher=True, crop_scale=(0.35, 1.0), hflip=0.5)
+    pairs = DADPairs(cache, replay_on_device=True, randaugment="rand-m9-mstd0.5-inc1", **kwargs)
+    assert not pairs.on_device and "view" not in pairs[0] and pairs[0]["clean"].dtype == torch.float32
+
+
+def test_full_verification_hashes_every_shard_up_front_once(numbered_cache, monkeypatch):
+    out, _ = numbered_cache
+    hashed = _hash_spy(monkeypatch)
+
+    cache = load_teacher_cache(out, num_classes=NUMBERED_CLASSES, verify="full")
+    cache.shard(2)
+
+    assert sorted(hashed) == [f"shard-{i:05d}.pt" for i in range(6)]  # opening a shard later hashes nothing more
+    with pytest.raises(ValueError, match="'sometimes'"):
+        load_teacher_cache(out, num_classes=NUMBERED_CLASSES, verify="sometimes")
 
 
 def test_a_cache_without_manifest_is_incomplete(tmp_path):
     with pytest.raises(CacheMismatchError, match="incomplete"):
         load_teacher_cache(tmp_path, num_classes=10)
+
+
+# --- attack-survival diagnostics, samples.png, attack.space ---------------------------------------------------
+
+
+SURVIVAL_KEYS = {"images", "top1_clean", "top1_vq", "top1_attacked", "top1_dad", "codes_changed", "pixel_change_255"}
+
+
+def _check_survival(metrics: dict, images: int, *, codes: bool) -> None:
+    assert set(metrics) == SURVIVAL_KEYS and metrics["images"] == images
+    for key in ("top1_clean", "top1_vq", "top1_attacked", "top1_dad"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert 0.0 <= metrics["pixel_change_255"] <= 255.0
+    assert (0.0 <= metrics["codes_changed"] <= 1.0) if codes else metrics["codes_changed"] is None
+
+
+def test_survival_diagnostics_per_shard_in_the_report_and_weighted_in_the_manifest(numbered_cache):
+    from dad_core.teacher_cache import DIAGNOSTIC_IMAGES
+
+    out, report = numbered_cache
+    manifest = load_teacher_cache(out, num_classes=NUMBERED_CLASSES).manifest
+    per_shard = [info["diagnostics"] for info in manifest["shards"].values()]
+    diagnosed = min(DIAGNOSTIC_IMAGES, 16)  # the first batch (cache.batch_size=16) of each shard, not every image
+    for metrics in per_shard:
+        _check_survival(metrics, diagnosed, codes=False)  # the pooling stub has no code indices
+    assert [{k: v for k, v in d.items() if k != "shard"} for d in report["shard_diagnostics"]] == per_shard
+    assert [d["shard"] for d in report["shard_diagnostics"]] == list(range(6))
+    assert report["diagnostics"] == report["cache_diagnostics"] == manifest["diagnostics"]  # one worker: all shards
+    _check_survival(manifest["diagnostics"], 6 * diagnosed, codes=False)
+    for key in ("top1_clean", "top1_dad", "pixel_change_255"):
+        assert manifest["diagnostics"][key] == pytest.approx(np.mean([d[key] for d in per_shard]))
+    assert manifest["diagnostics"]["pixel_change_255"] > 0  # the attack moved the samples
+
+
+def test_aggregate_diagnostics_weighs_by_images_and_skips_missing_values():
+    from dad_core.teacher_cache import aggregate_diagnostics
+
+    shards = [
+        {"images": 30, "top1_dad": 1.0, "codes_changed": None},
+        {"images": 10, "top1_dad": 0.0, "codes_changed": 0.5},
+        None,  # a shard without diagnostics
+    ]
+    assert aggregate_diagnostics(shards) == {"images": 40, "top1_dad": 0.75, "codes_changed": 0.5}
+    assert aggregate_diagnostics([None, {}]) == {}
+
+
+@torch.no_grad()
+def test_samples_png_is_a_four_column_grid_of_previews_with_the_teachers_predictions(numbered_cache):
+    out, _ = numbered_cache
+    cache = load_teacher_cache(out, num_classes=NUMBERED_CLASSES)
+    teacher, pool = _teacher(NUMBERED_CLASSES), _pool()
+    shard = cache.shard(2)
+    p = len(shard["preview_pred"])
+    assert p == 8 and shard["preview_vq"].shape == shard["preview_reference"].shape == (p, 3, 32, 32)
+    clean = shard["clean"][:p].float() / 255
+    x0 = pool.reconstruct(clean)
+    assert torch.equal(shard["preview_vq"], (x0 * 255).round().to(torch.uint8))
+    assert torch.equal(shard["preview_reference"], (pool.reconstruct(x0) * 255).round().to(torch.uint8))
+    assert shard["preview_pred"][:, 0].tolist() == teacher(clean).argmax(1).tolist()
+    assert shard["preview_pred"][:, 1].tolist() == teacher(x0).argmax(1).tolist()
+    with Image.open(out / "samples.png") as grid:
+        grid.load()
+        # 8 rows in two panels of clean | VQ(x) | DAD | difference, 32-px images upscaled to 128 px
+        assert grid.mode == "RGB" and grid.size[0] > 8 * 128 and 4 * 128 < grid.size[1] < grid.size[0]
+        pixels = np.asarray(grid)
+    assert (pixels == 0).all(axis=2).mean() > 0.05 and (pixels == 255).all(axis=2).mean() > 0.05  # text and tiles
+
+
+def test_attack_space_is_a_cache_dependency(numbered_root, numbered_cache):
+    out, _ = numbered_cache
+    want = cache_dependencies(
+        _numbered_cfg("attack.space=latent"),
+        dataset=dataset_hash(numbered_root),
+        teacher_checkpoint_sha256=TEACHER_SHA,
+        vqgan_checkpoint_sha256=None,
+    )
+    assert want["attack"]["space"] == "latent"
+    assert load_teacher_cache(out, num_classes=NUMBERED_CLASSES).manifest["attack"]["space"] == "pixel"
+    with pytest.raises(CacheMismatchError, match=r"attack differs in \['space'\]"):
+        load_teacher_cache(out, num_classes=NUMBERED_CLASSES, expected=want)
+
+
+def _tiny_vqgan():
+    """tests/dad_core/test_attack.py's toy VQGAN: random tiny-f4 with a codebook sampled from its own latents."""
+    from dad_core.vqgan import VQGAN
+
+    torch.manual_seed(0)
+    model = VQGAN.from_config("tiny-f4").eval()
+    with torch.no_grad():
+        latents = model.encode(torch.rand(8, 3, 32, 32) * 2 - 1).permute(0, 2, 3, 1).reshape(-1, 8)
+        model.codebook.weight.copy_(latents[torch.randperm(len(latents))[:256]])
+    return model
+
+
+def test_a_latent_cache_records_its_space_and_reports_survival(numbered_root, tmp_path):
+    """Ranges only: on toy models the teacher's top-1 does not tell the spaces apart (see test_attack.py)."""
+    vqgan, teacher = _tiny_vqgan(), _teacher(NUMBERED_CLASSES)
+
+    def run(space: str):
+        cfg = _numbered_cfg(f"attack.space={space}", "cache.shard_size=72", "cache.views=0")
+        return cache_teacher(cfg, numbered_root, tmp_path / "latent", teacher, vqgan, progress=False)
+
+    report = run("latent")
+    cache = load_teacher_cache(tmp_path / "latent", num_classes=NUMBERED_CLASSES)
+    assert report["complete"] and cache.manifest["attack"]["space"] == "latent"
+    _check_survival(report["cache_diagnostics"], 2 * 16, codes=True)  # the first batch of each of the 2 shards
+    assert report["cache_diagnostics"]["codes_changed"] > 0
+    with pytest.raises(CacheMismatchError, match="differs in: attack"):  # never mixed with a pixel cache
+        run("pixel")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from dad_core.config import load_config
+from dad_core.errors import DADError
 from dad_core.io import sha256_file
 from dad_core.student import load_student
 from dad_core.task import DADTask
@@ -51,7 +53,9 @@ def dad_cache(digits_root, digits_teacher, tmp_path_factory):
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model" / "state.pt", weights_only=False)["model"]
+    from dad_core.checkpoint import load_checkpoint
+
+    return load_checkpoint(run_dir / "model")[0]["model"]
 
 
 def test_sampler_orders_are_disjoint_and_resumable():
@@ -90,11 +94,28 @@ def test_kill_and_resume_ends_with_the_same_weights(digits_root, digits_teacher,
         cfg, digits_root, dad_cache, tmp_path / "killed", progress=False, tracker=NullTracker(), stop_after_steps=18
     )  # dies after step 18; the last checkpoint is from step 16
     assert killed["stopped"] and not (tmp_path / "killed" / "model").exists()
+    for change, named in (("train.lr=0.5", "train.lr ("), ("train.model=resnet18", "train.model")):
+        changed = load_config(None, [*_overrides(digits_teacher, "train.checkpoint_every=4", "train.epochs=2"), change])
+        with pytest.raises(DADError, match=re.escape(named) + ".*--resume-changed-config"):
+            fit(
+                changed, digits_root, dad_cache, tmp_path / "killed", progress=False, tracker=NullTracker(), resume=True
+            )
     resumed = fit(cfg, digits_root, dad_cache, tmp_path / "killed", progress=False, tracker=NullTracker(), resume=True)
     assert resumed["steps"] == whole["steps"]
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "killed")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resume_never_runs_a_pickle_payload(digits_root, digits_teacher, dad_cache, tmp_path, pickle_bomb):
+    cfg = load_config(None, _overrides(digits_teacher, "train.checkpoint_every=2"))
+    fit(cfg, digits_root, dad_cache, tmp_path / "run", progress=False, tracker=NullTracker(), stop_after_steps=3)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    (checkpoint / "state.safetensors").unlink()
+    pickle_bomb.write(checkpoint / "state.pt")
+    with pytest.raises(DADError, match=r"state\.pt: refused"):
+        fit(cfg, digits_root, dad_cache, tmp_path / "run", progress=False, tracker=NullTracker(), resume=True)
+    assert not pickle_bomb.ran
 
 
 @pytest.mark.parametrize("mode", ["none", "vq_only", "dad"])
@@ -124,6 +145,68 @@ def test_mismatched_cache_is_refused(digits_root, digits_teacher, dad_cache, tmp
     cfg = load_config(None, _overrides(digits_teacher, "attack.eps=0.5"))
     with pytest.raises(CacheMismatchError, match="attack"):
         fit(cfg, digits_root, dad_cache, tmp_path / "run", progress=False, tracker=NullTracker())
+
+
+def test_a_zero_dad_weight_keeps_dad_samples_out_of_the_student():
+    from dad_core.config import LossConfig
+
+    sizes = []
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    student.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    probs = torch.full((4, 10), 0.1)
+    batch = {"clean": torch.rand(4, 3, 8, 8), "dad": torch.rand(4, 3, 8, 8), "label": torch.arange(4)}
+    batch |= {"t_clean": probs, "t_dad": probs}
+    out = DADTask(student, LossConfig(kd_adv_weight=0.0), num_classes=10)(batch)
+    assert sizes == [4] and "kd_dad" not in out and "kd_clean" in out  # no DAD forward, not even for BatchNorm
+    out = DADTask(student, LossConfig(kd_clean_weight=0.0), num_classes=10)(batch)
+    assert sizes[-1] == 8 and {"kd_clean", "kd_dad"} <= set(out)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread runs ~3x faster than two on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_plain_ce_trains_without_a_teacher_or_a_cache(digits_root, tmp_path, monkeypatch):
+    """loss.kd_weight=0: no --cache, no teacher (even in online mode), and val_top1 is evaluate's clean top-1."""
+    import dad_core.train
+    from dad_core.cli.train import main
+    from dad_core.evaluate import evaluate_ood
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("plain CE must not load a teacher or open a teacher cache")
+
+    monkeypatch.setattr(dad_core.train, "_build_teacher", refuse)
+    monkeypatch.setattr(dad_core.train, "load_teacher_cache", refuse)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # cache.root (cache/teacher) does not exist here
+    overrides = [*FAST, "train.model=test_resnet", "loss.kd_weight=0", "train.teacher_mode=online"]
+    overrides.append(f"data.root={digits_root}")
+    argv = ["--data-root", str(digits_root), "--output", "run", "--no-progress"]
+    assert main(argv + [arg for o in overrides for arg in ("-p", o)]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["steps"] == 1347 // 96 and set(report["final"]) == {"loss", "ce", "lr"}
+    meta = json.loads((tmp_path / "run" / "model" / "meta.json").read_text())
+    assert meta["teacher_mode"] == "none" and meta["attack_mode"] == "none"
+    # One number for the clean val accuracy: training reports it with evaluate's test transform (test_resnet's
+    # pretrained_cfg: crop 0.95, bilinear; it used to be crop 1.0), so it equals evaluate's digits-val top-1.
+    assert report["val_transform"] == {"crop_pct": 0.95, "interpolation": "bilinear"}
+    cfg = load_config(None, overrides + ["eval.suites=[digits-val]"])
+    evaluated = evaluate_ood(load_student(tmp_path / "run" / "model"), cfg)
+    assert report["val_top1"] == pytest.approx(evaluated["clean_top1"], abs=1e-9)
+
+
+def test_training_with_a_kl_term_needs_a_cache(digits_root, tmp_path):
+    from dad_core.errors import DADError
+
+    cfg = load_config(None, FAST)
+    with pytest.raises(DADError, match="needs a teacher cache"):
+        fit(cfg, digits_root, None, tmp_path / "run", progress=False, tracker=NullTracker())
 
 
 def test_torchrun_two_ranks_hold_identical_weights(digits_root, digits_teacher, dad_cache, tmp_path):

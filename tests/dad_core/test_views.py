@@ -118,3 +118,21 @@ def test_randaugment_replays_per_seed_and_differs_across_seeds():
     distinct = {tuple(o.flatten().tolist()) for o in outs}
     assert len(distinct) >= 6
     assert all(math.isfinite(float(o.sum())) and 0.0 <= float(o.min()) and float(o.max()) <= 1.0 for o in outs)
+
+
+def test_batched_views_equal_the_per_image_replay():
+    from dad_core.views import apply_views
+
+    rng = np.random.default_rng(0)
+    clean = torch.stack([_image(40, 36, seed=i) for i in range(8)])
+    dad = torch.stack([_image(40, 36, seed=100 + i) for i in range(8)])
+    views = sample_views(8, 1, 40, 36, rng, scale=(0.2, 1.0), hflip=0.5)[:, 0]
+    views[0] = torch.tensor([7, 11, 20, 20, 1, 0])  # a native-size box: no resize
+    assert 0 < int(views[:, 4].sum()) < 8  # some flipped, some not
+
+    out_clean, out_dad = apply_views([clean, dad], views, 20)
+
+    assert out_clean.shape == out_dad.shape == (8, 3, 20, 20) and out_clean.dtype == torch.float32
+    for i in range(8):  # the same ops as apply_view: bit-identical on a CPU
+        assert torch.equal(out_clean[i], apply_view(clean[i], views[i], 20))
+        assert torch.equal(out_dad[i], apply_view(dad[i], views[i], 20))

@@ -276,6 +276,24 @@ def test_nearest_code_matches_brute_force_in_chunks_and_under_autocast():
         assert torch.equal(nearest_code_indices(z, codebook), expected)
 
 
+@pytest.mark.parametrize(("n", "k", "d"), [(2000, 16384, 4), (300, 1024, 256), (4096, 256, 8)])  # f8, f16, tiny
+def test_fused_nearest_code_picks_the_naive_distance_argmin_except_near_ties(n, k, d):
+    gen = torch.Generator().manual_seed(n + k + d)
+    z, codebook = torch.randn(n, d, generator=gen), torch.randn(k, d, generator=gen) * 0.5
+    # the naive distance: explicit differences, no expansion of the square (64 rows at a time, to bound memory)
+    naive_dist = torch.cat([(part[:, None, :] - codebook[None]).pow(2).sum(-1) for part in z.split(64)])
+    taming = (z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.t()).argmin(1)
+
+    fused = nearest_code_indices(z, codebook, budget=k * 97)  # several chunks, the last one short
+
+    assert torch.equal(fused, taming)  # bit-identical to taming's three-step formula (the -2 scaling is exact)
+    differ = fused != naive_dist.argmin(1)
+    assert differ.float().mean() < 1e-3
+    rows = differ.nonzero().flatten()
+    gap = naive_dist[rows, fused[rows]] - naive_dist[rows].min(1).values
+    assert (gap <= 1e-5 * naive_dist[rows].max(1).values).all()  # any disagreement is a near-tie
+
+
 def test_decode_indices_equals_decode_of_codes(small_model):
     with torch.no_grad():
         codes, indices = small_model.quantize(small_model.encode(torch.rand(2, 3, 32, 32) * 2 - 1))

@@ -120,7 +120,10 @@ def test_cache_workers_are_a_parallel_for_over_shard_indices(spec):
     (loop,) = loops
     assert loop["parameterIterator"]["items"]["inputParameter"].endswith("shard-indices-Output")
     body = pipeline["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
-    assert list(body) == ["cache-teacher"]
+    assert sorted(body) == ["cache-teacher", "config-overrides-2"]  # kfp.local: the overrides are merged in the loop
+    assert body["cache-teacher"]["inputs"]["parameters"]["params"]["taskOutputParameter"]["producerTask"] == (
+        "config-overrides-2"
+    )
     cache_dir = body["cache-teacher"]["inputs"]["parameters"]["cache_dir"]["runtimeValue"]["constant"]
     assert "{{$.pipeline_job_uuid}}" in cache_dir  # one cache folder per run, shared by the workers
     collect = _tasks(pipeline)["collect-teacher-cache"]
@@ -152,7 +155,7 @@ def test_gpus_go_to_the_training_step_not_to_the_launcher(spec):
     assert accelerator["resourceType"] == "nvidia.com/gpu"
     assert accelerator["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus_per_node']}}"
     launcher = _executor(pipeline, displayed["train-student-launcher"])
-    assert "resources" not in containers[launcher]["container"]
+    assert "accelerator" not in containers[launcher]["container"]["resources"]
     assert "tolerations" not in executors[launcher] and "nodeSelector" not in executors[launcher]
     for step in ("finetune-teacher", "train-vqgan", "cache-teacher", "evaluate-ood"):
         resources = containers[_executor(pipeline, displayed[step])]["container"]["resources"]
@@ -183,8 +186,7 @@ def test_platform_settings_use_the_names_k8s_creates(spec, platform):
     for task in component_tasks:
         assert executors[_executor(pipeline, task)]["podMetadata"]["labels"] == {key: value}
     for step in ("prepare-data", "train-student", "train-student-launcher", "register-model"):
-        (secret,) = settings(step)["secretAsEnv"]
-        assert _parameter(secret["secretNameParameter"]) == "s3_secret"
+        (secret,) = [s for s in settings(step)["secretAsEnv"] if _parameter(s["secretNameParameter"]) == "s3_secret"]
         assert [k["secretKey"] for k in secret["keyToEnv"]] == list(platform.S3_SECRET_KEYS)
     (mount,) = settings("prepare-data")["pvcMount"]
     assert _parameter(mount["pvcNameParameter"]) == "datasets_pvc"
@@ -197,6 +199,59 @@ def test_platform_settings_use_the_names_k8s_creates(spec, platform):
         assert _parameter(toleration["tolerationJson"]) == "gpu_tolerations"
         assert _parameter(settings(step)["nodeSelector"]["nodeSelectorJson"]) == "gpu_node_selector"
     assert defaults["gpu_tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+
+
+def test_every_step_is_sized_and_runs_as_the_image_user(spec, platform):
+    from pipelines.dad_pipeline import STEP_RESOURCES
+
+    pipeline, executors = spec
+    containers = pipeline["deploymentSpec"]["executors"]
+    steps = {label: e["container"] for label, e in containers.items() if "container" in e}
+    assert len(steps) >= 11
+    for label, container in steps.items():
+        resources = container.get("resources", {})
+        for field in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"):
+            assert resources.get(field), (label, field)
+        uid = str(platform.RUN_AS_USER)
+        assert executors[label]["securityContext"] == {"runAsUser": uid, "runAsGroup": uid, "runAsNonRoot": True}
+    displayed = _by_display_name(pipeline)
+
+    def resources(step: str) -> dict:
+        return containers[_executor(pipeline, displayed[step])]["container"]["resources"]
+
+    sizes = {
+        "prepare-data": "data",
+        "train-student-launcher": "light",
+        "register-model": "light",
+        "evaluate-ood": "gpu",
+        "cache-teacher": "gpu",
+        "train-student": "train",
+    }
+    for step, size in sizes.items():
+        (cpu_request, cpu_limit), (memory_request, memory_limit) = STEP_RESOURCES[size].values()
+        assert resources(step)["resourceCpuLimit"] == cpu_limit, step
+        assert resources(step)["resourceCpuRequest"] == cpu_request, step
+        assert resources(step)["resourceMemoryLimit"] == memory_limit, step
+        assert resources(step)["resourceMemoryRequest"] == memory_request, step
+    # GPU training gets more than any single-GPU step, which gets more than bookkeeping.
+    gib = {size: int(r["memory"][1].removesuffix("Gi")) for size, r in STEP_RESOURCES.items()}
+    assert gib["train"] > gib["gpu"] > gib["light"]
+
+
+def test_mlflow_clients_get_the_optional_mlflow_credentials(spec, platform):
+    pipeline, executors = spec
+    defaults = {name: p.get("defaultValue") for name, p in pipeline["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["mlflow_secret"] == platform.MLFLOW_SECRET
+    displayed = _by_display_name(pipeline)
+    for step in ("train-student", "train-student-launcher", "evaluate-ood", "register-model"):
+        secrets = executors[_executor(pipeline, displayed[step])]["secretAsEnv"]
+        (mlflow,) = [s for s in secrets if _parameter(s["secretNameParameter"]) == "mlflow_secret"]
+        assert mlflow["optional"] is True  # dev has no such Secret and no login
+        assert [k["secretKey"] for k in mlflow["keyToEnv"]] == list(platform.MLFLOW_SECRET_KEYS)
+        assert [k["envVar"] for k in mlflow["keyToEnv"]] == list(platform.MLFLOW_SECRET_KEYS)
+    for step in ("prepare-data", "cache-teacher", "collect-teacher-cache"):
+        secrets = executors[_executor(pipeline, displayed[step])].get("secretAsEnv", [])
+        assert all(_parameter(s["secretNameParameter"]) != "mlflow_secret" for s in secrets), step
 
 
 def test_the_training_job_gets_the_cluster_names(spec, platform):
@@ -254,6 +309,79 @@ def test_parse_params():
         parse_params(["num_shards"])
 
 
+def test_typed_knobs_are_parameters_and_are_checked_against_the_schema():
+    from pipelines.dad_pipeline import UsageError, parse_params
+
+    args = parse_params(["epochs=3", "eps=0.05", "attack_mode=none", "student_model=resnet18", "train.lr=0.1"])
+    assert args == {
+        "epochs": 3,
+        "eps": 0.05,
+        "attack_mode": "none",
+        "student_model": "resnet18",
+        "params": ["train.lr=0.1"],
+    }
+    with pytest.raises(UsageError, match="attack.mode"):
+        parse_params(["attack_mode=fgsm"])  # checked as the merged override list the steps get
+    with pytest.raises(UsageError, match="eps=big"):
+        parse_params(["eps=big"])
+
+
+def test_every_step_gets_the_merged_overrides(spec):
+    pipeline, _ = spec
+    defaults = pipeline["root"]["inputDefinitions"]["parameters"]
+    assert {
+        k: defaults[k]["parameterType"] for k in ("student_model", "epochs", "attack_mode", "eps", "loss_variant")
+    } == {
+        "student_model": "STRING",
+        "epochs": "NUMBER_INTEGER",
+        "attack_mode": "STRING",
+        "eps": "NUMBER_DOUBLE",
+        "loss_variant": "STRING",
+    }
+    merge = _by_display_name(pipeline)["config-overrides"]["inputs"]["parameters"]
+    assert merge["params"] == {"componentInputParameter": "params"}
+    assert merge["epochs"] == {"componentInputParameter": "epochs"}
+    for name, task in _by_display_name(pipeline).items():
+        given = task.get("inputs", {}).get("parameters", {}).get("params")
+        if given is not None and not name.endswith("config-overrides"):  # the merging steps get the raw list
+            assert "config-overrides" in str(given), name
+
+
+def test_resuming_steps_retry_and_steps_on_mutable_inputs_are_not_cached(spec):
+    from pipelines.dad_pipeline import RETRIES
+
+    pipeline, _ = spec
+    displayed = _by_display_name(pipeline)
+    for step in ("cache-teacher", "train-student", "train-student-launcher", "evaluate-ood"):
+        assert displayed[step]["retryPolicy"]["maxRetryCount"] == RETRIES, step
+        assert displayed[step]["retryPolicy"]["backoffDuration"] == "60s", step
+    for step in ("prepare-data", "use-teacher-checkpoint", "use-vqgan-checkpoint", "register-model"):
+        assert not displayed[step]["cachingOptions"].get("enableCache"), step
+        assert "retryPolicy" not in displayed[step], step
+    assert displayed["finetune-teacher"]["cachingOptions"]["enableCache"] is True
+
+
+def test_local_mlflow_uri_env_then_config_then_a_local_file(tmp_path, monkeypatch):
+    from pipelines.dad_pipeline import local_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert local_tracking_uri([]) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "params.yaml").write_text("tracking:\n  uri: http://from-params:5000\n")
+    assert local_tracking_uri([]) == "http://from-params:5000"
+    assert local_tracking_uri(["tracking.uri=http://from-override:5000"]) == "http://from-override:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
+    assert local_tracking_uri(["tracking.uri=http://from-override:5000"]) == "http://from-env:5000"
+
+
+def test_local_steps_are_shown_by_their_display_names():
+    from pipelines.dad_pipeline import _display_names, dad_pipeline
+
+    names = _display_names(dad_pipeline)
+    assert names["importer-2"] == "import-vqgan" and names["train-student-2"] == "train-student"
+    assert names["use-checkpoint"] == "use-teacher-checkpoint" and names["prepare-data"] == "prepare-data"
+
+
 def test_compile_applies_parameter_values(tmp_path):
     path = tmp_path / "p.yaml"
     assert (
@@ -271,7 +399,7 @@ def test_compile_applies_parameter_values(tmp_path):
 def test_unknown_param_is_a_one_line_error(tmp_path):
     result = _run("--compile", "--output", str(tmp_path / "x.yaml"), "--param", "x=1")
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: unknown pipeline parameter 'x'; known: params, teacher_checkpoint")
+    assert result.stderr.strip().startswith("error: unknown pipeline parameter 'x'; known: params, student_model")
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.yaml").exists()
 
@@ -341,5 +469,21 @@ def test_local_run_trains_evaluates_and_registers(tmp_path, mlflow_sqlite_uri):
     assert set(version.aliases) == {"challenger", "champion"} and str(version.version) == "1"
     assert version.tags["dad.metric.ood_mean_top1"] == str(report["ood_mean_top1"])
     mlflow.set_tracking_uri(mlflow_sqlite_uri)
-    model = mlflow.pytorch.load_model("models:/dad-student@champion")
+    import numpy as np
+
+    from dad_core.mlflow_model import load_student_model
+
+    model = load_student_model("models:/dad-student@champion")
     assert sum(p.numel() for p in model.parameters()) > 0
+    images = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    predicted = mlflow.pyfunc.load_model("models:/dad-student@champion").predict(images)
+    assert list(predicted.columns) == ["label", "class_id", "class_name", "probability"]
+
+
+@pytest.mark.parametrize("item", ["mlflow_tracking_uri=http://u:SECRETPW@mlflow:5000", "tracking.uri=http://t@h:1"])
+def test_a_tracking_uri_with_credentials_is_refused_as_a_pipeline_parameter(item):
+    from pipelines.dad_pipeline import UsageError, parse_params
+
+    with pytest.raises(UsageError, match=r"must not carry credentials \(http://\*\*\*@") as info:
+        parse_params([item])
+    assert "SECRETPW" not in str(info.value)
