@@ -7,8 +7,11 @@ together, each gating its own version, then a replay of every recorded decision 
 
 from __future__ import annotations
 
-import multiprocessing
+import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,36 +125,34 @@ def test_a_stale_promotion_lock_is_taken_over(checkpoint, mlflow_sqlite_uri):
     assert [m.name for m in client.search_registered_models()] == ["m"]  # the lock is gone again
 
 
-def _register_one(uri: str, checkpoint: Path, name: str, ood: float, clean: float, queue) -> None:
-    try:
-        result = register_model(checkpoint, _metrics(ood, clean), name=name, tracking_uri=uri, promote=True)
-        queue.put(("ok", result["version"]))
-    except BaseException as err:  # report anything to the parent
-        queue.put(("error", f"{type(err).__name__}: {err}"))
-
-
 @pytest.mark.integration
-def test_concurrent_registrations_elect_exactly_one_champion_consistent_with_the_gate(checkpoint, mlflow_server):
-    """5 rounds x 8 registrations started together (forked processes), each gating its own version."""
+def test_concurrent_registrations_elect_exactly_one_champion_consistent_with_the_gate(
+    checkpoint, mlflow_server, tmp_path
+):
+    """5 rounds x 8 ``dad register --promote`` processes started together, each gating its own version."""
     import mlflow
 
     name, uri, rng = "race", mlflow_server.uri, random.Random(0)
-    ctx = multiprocessing.get_context("fork")  # torch, timm and mlflow are imported once, in the parent
-    queue = ctx.Queue()
-    for _ in range(5):
-        workers = [
-            ctx.Process(
-                target=_register_one,
-                args=(uri, checkpoint, name, round(rng.uniform(40, 60), 1), round(rng.uniform(85, 95), 1), queue),
+    (tmp_path / "none.yaml").write_text("{}\n")
+    for round_ in range(5):
+        workers = []
+        for index in range(8):
+            report = tmp_path / f"eval-{round_}-{index}.json"
+            report.write_text(json.dumps(_metrics(round(rng.uniform(40, 60), 1), round(rng.uniform(85, 95), 1))))
+            argv = ["register", "--checkpoint", str(checkpoint), "--eval-report", str(report), "--name", name]
+            argv += ["--promote", "--tracking-uri", uri, "--config", str(tmp_path / "none.yaml")]
+            workers.append(
+                subprocess.Popen(  # fresh processes, as two users would start them (no fork of a threaded parent)
+                    [sys.executable, "-m", "dad_core.cli.main", *argv],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+                )
             )
-            for _ in range(8)
-        ]
-        for worker in workers:
-            worker.start()
-        results = [queue.get(timeout=900) for _ in workers]  # generous: CI machines are small and may be busy
-        for worker in workers:
-            worker.join(timeout=60)
-        assert [kind for kind, _ in results] == ["ok"] * 8, results
+        outputs = [worker.communicate(timeout=900)[0] for worker in workers]
+        failed = [out[-2000:] for worker, out in zip(workers, outputs, strict=True) if worker.returncode != 0]
+        assert not failed, failed
 
     client = mlflow.MlflowClient(uri)
     versions = client.search_model_versions(f"name='{name}'")
