@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The project image: every pipeline step and every training pod runs it
 # (components/_image.py: DAD_IMAGE = ghcr.io/dad-on-kubeflow/dad:<package version>).
 # Build with `make image`, i.e. `docker build -t $(DAD_IMAGE) .`
@@ -25,24 +24,17 @@ WORKDIR /opt/dad
 # nvidia-*, cuda-*) is already in the base image at the same versions: those lines are skipped,
 # so pip neither downloads a second copy nor swaps the base image's build for another one.
 COPY requirements.lock.txt ./
-RUN <<EOF
-set -eu
-grep -vE '^(torch|torchvision|triton|nvidia-[A-Za-z0-9_.-]+|cuda-[A-Za-z0-9_.-]+)==' requirements.lock.txt \
-    > /tmp/requirements.txt
-python3 -m pip install --no-deps -r /tmp/requirements.txt
-rm /tmp/requirements.txt
-EOF
-RUN python3 - <<'EOF'
-import re
-
-import torch
-import torchvision
-
-pins = dict(re.findall(r"^(torch|torchvision)==(\S+)$", open("requirements.lock.txt").read(), re.M))
-have = {"torch": torch.__version__.split("+")[0], "torchvision": torchvision.__version__.split("+")[0]}
-assert have == pins, f"the base image has {have}, requirements.lock.txt pins {pins}"
-print("torch", torch.__version__, "CUDA", torch.version.cuda)
-EOF
+RUN set -eu; \
+    grep -vE '^(torch|torchvision|triton|nvidia-[A-Za-z0-9_.-]+|cuda-[A-Za-z0-9_.-]+)==' requirements.lock.txt \
+        > /tmp/requirements.txt; \
+    python3 -m pip install --no-deps -r /tmp/requirements.txt; \
+    rm /tmp/requirements.txt
+# Plain RUN lines only (no heredocs, no syntax directive): any builder can build this offline.
+RUN python3 -c 'import re, torch, torchvision; \
+pins = dict(re.findall(r"^(torch|torchvision)==(\S+)$", open("requirements.lock.txt").read(), re.M)); \
+have = {"torch": torch.__version__.split("+")[0], "torchvision": torchvision.__version__.split("+")[0]}; \
+assert have == pins, f"the base image has {have}, requirements.lock.txt pins {pins}"; \
+print("torch", torch.__version__, "CUDA", torch.version.cuda)'
 
 # The package itself, then a check that every installed distribution's requirements are met.
 COPY pyproject.toml README.md ./
