@@ -448,7 +448,10 @@ def _promotion_lock(client: Any, name: str, *, timeout_s: float = 120.0, stale_s
             )
             break
         except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS" and not is_transient(err):
+            # A lost race answers RESOURCE_ALREADY_EXISTS, or RESOURCE_DOES_NOT_EXIST when the holder released the
+            # lock between the store's failed insert and its own re-read of the existing model (MLflow 3 re-reads it
+            # to word the error). Either way another writer held the lock: wait and contend again.
+            if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST") and not is_transient(err):
                 raise
         holder = _lock_tags(client, lock)
         if holder.get(_NONCE_TAG) == nonce:  # our create went through although its answer was lost

@@ -176,3 +176,37 @@ def test_concurrent_registrations_elect_exactly_one_champion_consistent_with_the
     assert len(accepted_first) == 1  # exactly one "first champion"
     assert not [m.name for m in client.search_registered_models() if m.name.endswith(LOCK_SUFFIX)]
     assert promote(name, tracking_uri=uri).outcome in ("accepted", "rejected", "unchanged")
+
+
+def test_a_create_that_loses_the_race_to_a_release_waits_and_takes_the_lock():
+    """MLflow re-reads the existing model after a failed insert; if the holder released it meanwhile, the lost race
+    is answered RESOURCE_DOES_NOT_EXIST. The writer must contend again, not fail its registration."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from dad_core.registry import _promotion_lock
+
+    class Client:
+        tracking_uri = "http://127.0.0.1:1"
+
+        def __init__(self):
+            self.models, self.creates = {}, 0
+
+        def create_registered_model(self, name, tags, description):
+            self.creates += 1
+            if self.creates == 1:
+                raise MlflowException("Registered Model with name=x not found", error_code=RESOURCE_DOES_NOT_EXIST)
+            self.models[name] = tags
+
+        def get_registered_model(self, name):
+            if name not in self.models:
+                raise MlflowException("not found", error_code=RESOURCE_DOES_NOT_EXIST)
+            return type("Model", (), {"tags": self.models[name]})()
+
+        def delete_registered_model(self, name):
+            del self.models[name]
+
+    client = Client()
+    with _promotion_lock(client, "m"):
+        assert f"m{LOCK_SUFFIX}" in client.models
+    assert client.creates == 2 and client.models == {}
