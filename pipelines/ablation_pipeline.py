@@ -34,6 +34,12 @@ from typing import Any  # noqa: E402
 
 from kfp import dsl, kubernetes  # noqa: E402
 
+from pipelines._image_flag import check_image_flag, export_image_flag  # noqa: E402
+
+if __name__ == "__main__":
+    export_image_flag(sys.argv[1:])  # before the components are defined: they take DAD_IMAGE then
+
+from components._image import DAD_IMAGE  # noqa: E402
 from components.ablation import compare_ablation, plan_ablation, run_ablation_cell  # noqa: E402
 from components.finetune_teacher import finetune_teacher  # noqa: E402
 from components.prepare_data import prepare_data  # noqa: E402
@@ -186,6 +192,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="pipeline parameter (modes=..., seeds=...), or a dotted config override such as train.epochs=2",
     )
     parser.add_argument("--output", type=Path, default=Path("ablation_pipeline.yaml"), help="--compile: spec file")
+    parser.add_argument(
+        "--image",
+        default=None,
+        help="--compile/--submit: the image of every step and of the training job (default: $DAD_IMAGE, else "
+        "ghcr.io/dad-on-kubeflow/dad:<version>)",
+    )
     parser.add_argument("--host", help="--submit: the Kubeflow Pipelines API, e.g. http://localhost:8080")
     parser.add_argument("--experiment", default="dad-ablation", help="--submit: experiment name")
     parser.add_argument("--run-name", default=None, help="--submit: run name")
@@ -212,6 +224,9 @@ def _check_cells(arguments: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if message := check_image_flag(args.image, DAD_IMAGE):
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     try:
         arguments = main_pipeline.parse_params(args.params, ablation_pipeline)
         _check_cells(arguments)
