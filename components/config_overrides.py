@@ -13,6 +13,8 @@ def config_overrides(
     attack_mode: str = "",
     eps: float = 0.0,
     loss_variant: str = "",
+    mlflow_tracking_uri: str = "",
+    pipeline_run_id: str = "",
 ) -> list:
     """``params`` followed by the knobs that are set (not empty, not 0) as dotted overrides.
 
@@ -26,7 +28,13 @@ def config_overrides(
         attack_mode: ``attack.mode`` (``dad``, ``vq_only``, ``random``, ``none``).
         eps: ``attack.eps``.
         loss_variant: ``loss.variant`` (``A`` or ``C``).
+        mlflow_tracking_uri: ``tracking.uri``: every step tracks into this MLflow.
+        pipeline_run_id: ``tracking.pipeline_run_id``: every step's MLflow run is a child of this pipeline run's
+            parent run. Being different in each run, it also keeps KFP from reusing a step of another run, whose
+            MLflow run would belong to that run (``teacher_checkpoint`` / ``vqgan_checkpoint`` reuse a result).
     """
+    import json
+
     knobs = {
         "train.model": student_model,
         "train.epochs": epochs,
@@ -34,4 +42,7 @@ def config_overrides(
         "attack.eps": eps,
         "loss.variant": loss_variant,
     }
+    # Strings the YAML parser must not turn into numbers (a local run id is all digits): quoted.
+    text = {"tracking.uri": mlflow_tracking_uri, "tracking.pipeline_run_id": pipeline_run_id}
+    knobs.update({key: json.dumps(value) for key, value in text.items() if value})
     return [*params, *(f"{key}={value}" for key, value in knobs.items() if value not in ("", 0))]

@@ -338,6 +338,7 @@ class TrackingConfig:
     timeout_s: float = 10.0  # how long to wait for a tracking server at start before failing
     system_metrics: bool = True  # log CPU/memory/disk (and GPU with nvidia-ml-py) utilization; needs psutil
     artifact_location: str | None = None  # for a new experiment; None = the server's, or mlartifacts/ by the sqlite db
+    pipeline_run_id: str = ""  # set by the pipelines: the step's run becomes a child of that pipeline run's parent run
 
     def redacted(self) -> TrackingConfig:
         """This config with any ``user:password@`` in its URIs shown as ``***@``: what config.yaml and params hold."""

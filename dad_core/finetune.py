@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from dad_core.config import DADConfig
 from dad_core.data import create_eval_transform, create_train_transform, open_split
 from dad_core.distributed import set_seed
 from dad_core.evaluate import evaluate_ood
 from dad_core.io import sha256_file
+from dad_core.progress import progress_bar
 from dad_core.teacher import create_clip_classifier, save_teacher_checkpoint
 
 __all__ = ["accuracy", "broad_augment", "finetune_teacher", "wise_interpolate"]
@@ -162,7 +162,7 @@ def finetune_teacher(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _warmup_cosine(s, ft.warmup_steps, total))
     augment_gen = torch.Generator().manual_seed(ft.seed + 1)
     seen, start = 0, time.perf_counter()
-    bar = tqdm(total=total, desc="fine-tune teacher", disable=not progress)
+    bar = progress_bar(total=total, desc="fine-tune teacher", unit="step", enabled=progress)
     for epoch in range(ft.epochs):
         model.train()
         for images, labels in train_loader:
@@ -175,7 +175,7 @@ def finetune_teacher(
             schedule.step()
             seen += len(labels)
             bar.update()
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     seconds = time.perf_counter() - start
     if ft.wise_alpha < 1.0:

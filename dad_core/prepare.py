@@ -48,6 +48,7 @@ from dad_core.config import DataConfig
 from dad_core.data import ClassList, read_classes, scan_image_folder, verify_images, write_classes
 from dad_core.errors import DADError
 from dad_core.io import atomic_dir, atomic_write_json, sha256_file
+from dad_core.progress import progress_bar
 
 __all__ = [
     "DIGIT_CLASSES",
@@ -344,7 +345,7 @@ def prepare_digits(output_root: str | Path, cfg: DataConfig, *, progress: bool =
     Args:
         output_root: the dataset folder; replaced atomically if it exists.
         cfg: data settings.
-        progress: show a tqdm progress bar.
+        progress: show a progress bar (else a progress log line every 30 s).
 
     Returns:
         The report: counts per split and suite, ``dataset_hash``, output paths, seconds and images/s.
@@ -359,7 +360,7 @@ def prepare_digits(output_root: str | Path, cfg: DataConfig, *, progress: bool =
     total = len(labels) + len(val) + num_members * (len(CORRUPTION_NAMES) * len(SEVERITIES) + 1)
     with (
         atomic_dir(output_root) as tmp,
-        tqdm(total=total, unit="img", desc="prepare-data", disable=not progress) as bar,
+        progress_bar(total=total, unit="img", desc="prepare-data", enabled=progress) as bar,
     ):
         tree = _TreeWriter(tmp, bar)
         classes_txt = write_classes(DIGIT_CLASSES, tmp / CLASSES).read_bytes()
@@ -432,7 +433,7 @@ def _prepare_folder_into(
     splits = [s for s in _SPLITS if (source_dir / s).is_dir()]
     good: list[str] = []
     bad: list[str] = []
-    with tqdm(unit="img", desc="verify images", disable=not progress) as bar:
+    with progress_bar(unit="img", desc="verify images", enabled=progress) as bar:
         for split in splits:
             ok, skipped = _verify_split(source_dir, split, classes, cfg.on_bad_image, bar)
             good, bad = good + ok, bad + skipped
@@ -460,7 +461,7 @@ def prepare_folder(
         output_root: the dataset folder (classes.txt, manifest.json); replaced atomically if it exists.
         cfg: data settings; ``on_bad_image`` decides between failing and skipping unreadable files.
         classes_file: explicit class list; default ``source_dir/classes.txt``, else the sorted train folders.
-        progress: show a tqdm progress bar.
+        progress: show a progress bar (else a progress log line every 30 s).
 
     Returns:
         The report: counts per split, skipped files, ``dataset_hash``, output paths, seconds and images/s.
@@ -499,7 +500,7 @@ def prepare_dvc(
         output_root: the dataset folder; ``source/`` inside it holds the files, ``manifest["root"]`` is ``source``.
         cfg: data settings.
         classes_file: explicit class list (see :func:`prepare_folder`).
-        progress: show a tqdm progress bar.
+        progress: show a progress bar (else a progress log line every 30 s).
 
     Returns:
         The report of :func:`prepare_folder`, with ``source`` naming repo, rev, path and the resolved commit.

@@ -184,7 +184,7 @@ def _tag_value(value: Any) -> str:
 def _version_tags(meta: Mapping[str, Any], metrics: Mapping[str, float], tags: Mapping[str, Any] | None) -> dict:
     from_meta = {f"dad.{k}": _tag_value(meta[k]) for k in _META_LINEAGE if meta.get(k) not in (None, "")}
     from_meta["dad.student"] = str(meta["model"])
-    values = {f"{METRIC_TAG}{mlflow_key(k)}": repr(float(v)) for k, v in metrics.items()}
+    values = {f"{METRIC_TAG}{mlflow_key(k)}": repr(round(float(v), 4)) for k, v in metrics.items()}  # no 28.52999..
     return {**lineage_tags(), **from_meta, **values, **{str(k): str(v) for k, v in (tags or {}).items()}}
 
 
@@ -286,6 +286,7 @@ def register_model(
     timeout_s: float = 10.0,
     gate: Gate | None = None,
     promote: bool = False,
+    description: str | None = None,
 ) -> dict[str, Any]:
     """Log the student in ``checkpoint_dir`` as an MLflow model, register a new version of ``name``, set ``alias``.
 
@@ -304,13 +305,15 @@ def register_model(
         tags: version tags, e.g. lineage (``dad.dvc_rev``, ``dad.pipeline_run_id``); they override the ones read
             from ``meta.json`` and the git SHA of the working folder.
         tracking_uri: MLflow URI; default ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
-        run_id: log the model in this run (e.g. the training run) instead of a new one.
+        run_id: log the model in this run instead of a new one; default: the run that trained the checkpoint
+            (``meta["mlflow_run_id"]``) when it exists on this server, so the version's source run is the training run.
         classes: class names; default ``meta["classes"]``.
         preprocessing: what the model expects; default derived from the student (size, crop, mean/std).
         experiment: experiment of the new run when ``run_id`` is None.
         timeout_s: how long to wait for an HTTP tracking server to answer.
         gate: the promotion gate (default :class:`Gate`); its metrics must be in ``metrics``.
         promote: run the gate for the new version now, as ``dad promote`` would.
+        description: the version's description (Markdown, e.g. the evaluation table), shown on its page.
 
     Returns:
         ``{"name", "version", "run_id", "model_uri", "aliases", "promotion"}``; ``model_uri`` is
@@ -348,6 +351,7 @@ def register_model(
     with _mlflow_errors(uri), _tracking_uri(uri):
         import mlflow
 
+        run_id = run_id or _training_run(mlflow.MlflowClient(uri), meta.get("mlflow_run_id"))
         logged_run, logged_uri = _log_student(
             student,
             int(meta["image_size"]),
@@ -360,6 +364,8 @@ def register_model(
         )
         version = retry(lambda: mlflow.register_model(logged_uri, name, tags=_version_tags(meta, values, tags))).version
         client = mlflow.MlflowClient(uri)
+        if description:
+            retry(lambda: client.update_model_version(name, version, description=description[:5000]))
         with _promotion_lock(client, name):
             aliases, decision = _assign_aliases(client, name, str(version), alias, gate if promote else None)
     _logger.info("registered %s version %s (%s)", name, version, ", ".join(aliases))
@@ -371,6 +377,19 @@ def register_model(
         "aliases": aliases,
         "promotion": decision.to_dict() if decision is not None else None,
     }
+
+
+def _training_run(client: Any, run_id: str | None) -> str | None:
+    """``run_id`` when that run exists (and is not deleted) on this server, else None (e.g. trained elsewhere)."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        run = retry(lambda: client.get_run(run_id))
+    except MlflowException:
+        return None
+    return run_id if run.info.lifecycle_stage == "active" else None
 
 
 def _assign_aliases(

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from dad_core._version import __version__
 from dad_core.attack import Discretizer, generate_dad_samples, measure_survival, trace_dad_samples
@@ -43,6 +42,7 @@ from dad_core.data import ImageFolderDataset, create_eval_transform, open_split
 from dad_core.errors import DADError
 from dad_core.io import atomic_path, atomic_write_json, save_torch, sha256_file
 from dad_core.losses import soften
+from dad_core.progress import progress_bar
 from dad_core.serialization import WeightsFileError, load_torch_file
 from dad_core.views import apply_view, sample_views
 
@@ -376,7 +376,7 @@ def cache_teacher(
     # so memory holds at most two shards.
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
-        for shard_id in tqdm(mine, desc=f"cache shards (worker {shard_index}/{num_shards})", disable=not progress):
+        for shard_id in progress_bar(mine, desc=f"cache shards (worker {shard_index}/{num_shards})", enabled=progress):
             if _shard_is_valid(root, shard_id):
                 skipped.append(shard_id)
                 continue

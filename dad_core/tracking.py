@@ -44,8 +44,12 @@ __all__ = [
     "flatten_params",
     "git_sha",
     "is_transient",
+    "finish_pipeline_run",
     "lineage_tags",
+    "log_dataset_input",
     "mlflow_key",
+    "open_pipeline_run",
+    "pipeline_parent_run",
     "redact_uri",
     "resolve_tracking_uri",
     "retry",
@@ -62,6 +66,11 @@ MAX_TAG_VALUE = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 _TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /:]")  # MLflow keys: alphanumerics, _ - . space / :
 _USERNAME, _PASSWORD, _TOKEN = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"
+PIPELINE_RUN_TAG = "dad.pipeline_run_id"  # on every run of one pipeline run, the parent included
+RUN_KIND_TAG = "dad.run_kind"  # pipeline (the parent), finetune-teacher, train-vqgan, cache-teacher, train-student
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a run under this one
+# MLflow's UI opens an experiment in the view its kind names; without it, 3.x guesses the GenAI (traces) view.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class TrackingError(DADError):
@@ -307,13 +316,140 @@ def ensure_experiment(client: Any, name: str, uri: str, artifact_location: str |
     if found is not None:
         if found.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow experiment {name!r} at {redact_uri(uri)} is deleted: restore it or rename")
+        if EXPERIMENT_KIND_TAG not in (found.tags or {}):  # made by hand or by an older version; a set kind stays
+            retry(lambda: client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND))
         return found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location or _artifact_root_for(uri, name))
+        return client.create_experiment(
+            name,
+            artifact_location=artifact_location or _artifact_root_for(uri, name),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+        )
     except MlflowException as err:  # created meanwhile by another process
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         return client.get_experiment_by_name(name).experiment_id
+
+
+def pipeline_parent_run(client: Any, experiment_id: str, pipeline_run_id: str) -> str:
+    """The id of the parent run of pipeline run ``pipeline_run_id`` in the experiment, created when missing.
+
+    The pipeline's first step (prepare-data, never cached) creates it before any other step runs, so the steps that
+    run in parallel later only find it. Should two creators still meet, each searches again after creating and all
+    keep the oldest parent (start time, then run id); a creator that lost deletes its own, still empty, run.
+    """
+    query = f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}' AND tags.`{RUN_KIND_TAG}` = 'pipeline'"
+
+    def oldest() -> str | None:
+        found = retry(lambda: client.search_runs([experiment_id], query, max_results=10))
+        ordered = sorted(found, key=lambda run: (run.info.start_time, run.info.run_id))
+        return ordered[0].info.run_id if ordered else None
+
+    existing = oldest()
+    if existing is not None:
+        return existing
+    short = re.sub(r"[^\w-]", "", pipeline_run_id)[-8:]
+    created = retry(
+        lambda: client.create_run(
+            experiment_id,
+            run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M')} {short}".strip(),
+            tags={PIPELINE_RUN_TAG: pipeline_run_id, RUN_KIND_TAG: "pipeline", "dad.git_sha": git_sha()},
+        )
+    ).info.run_id
+    winner = oldest() or created
+    if winner != created:
+        retry(lambda: client.delete_run(created))
+    return winner
+
+
+def _pipeline_parent(cfg: TrackingConfig) -> tuple[Any, str] | None:
+    """``(client, parent run id)`` of ``cfg.pipeline_run_id``; None when tracking is off or there is no pipeline run."""
+    uri = resolve_tracking_uri(cfg.uri)
+    if uri is None or not cfg.pipeline_run_id:
+        return None
+    import mlflow
+
+    clean, missing = tracking_credentials(uri)
+    if missing:
+        raise TrackingError(f"tracking URI {redact_uri(uri)} carries credentials: set {_USERNAME}/{_PASSWORD} instead")
+    check_tracking_server(clean, cfg.timeout_s, hint="fix tracking.uri" if cfg.uri else "unset MLFLOW_TRACKING_URI")
+    client = mlflow.MlflowClient(tracking_uri=clean)
+    experiment_id = ensure_experiment(client, cfg.experiment, clean, cfg.artifact_location)
+    return client, pipeline_parent_run(client, experiment_id, cfg.pipeline_run_id)
+
+
+def open_pipeline_run(cfg: TrackingConfig, data_root: str | Path, params: Mapping[str, Any]) -> str | None:
+    """Create the parent run of ``cfg.pipeline_run_id`` (the pipeline's first step calls it) with the run's
+    configuration as params and the prepared dataset as its input; returns its id (None: nothing to track)."""
+    found = _pipeline_parent(cfg)
+    if found is None:
+        return None
+    client, parent = found
+    from mlflow.entities import Param
+
+    flat = flatten_params(params)
+    logged = retry(lambda: client.get_run(parent)).data.params
+    fresh = [Param(k, v) for k, v in flat.items() if k not in logged]  # a retried step: params are immutable
+    if fresh:
+        retry(lambda: client.log_batch(parent, params=fresh))  # the client splits it into batches MLflow accepts
+    log_dataset_input(client, parent, data_root, "prepared")
+    _logger.info("MLflow pipeline run %s (pipeline run %s)", parent, cfg.pipeline_run_id)
+    return parent
+
+
+def finish_pipeline_run(
+    cfg: TrackingConfig, status: str = "FINISHED", metrics: Mapping[str, Any] | None = None
+) -> None:
+    """Mark the parent run of ``cfg.pipeline_run_id`` ``status``; the pipeline's last step calls it with the
+    evaluation's metrics, so the runs table compares pipeline runs on one row each.
+
+    Does nothing when tracking is off or the step is not part of a pipeline run.
+    """
+    found = _pipeline_parent(cfg)
+    if found is None:
+        return
+    client, parent = found
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    values = {mlflow_key(k): v for k, v in ((k, _numeric(v)) for k, v in (metrics or {}).items()) if v is not None}
+    if values:
+        retry(lambda: client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in values.items()]))
+    retry(lambda: client.set_terminated(parent, status))
+
+
+def log_dataset_input(client: Any, run_id: str, data_root: str | Path, context: str) -> None:
+    """Record the prepared dataset at ``data_root`` as an input of the run (the run page's "Datasets").
+
+    The digest is the dataset hash prepare-data recorded (MLflow keeps 36 characters; the profile holds all of it),
+    the source is where the images came from (DVC repository, revision and path; the folder; or the embedded set),
+    and the input tag ``mlflow.data.context`` says what the run used it for (training, evaluation, ...).
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    manifest_file = Path(data_root) / "manifest.json"
+    if not manifest_file.is_file():
+        _logger.warning("no manifest.json in %s: the dataset is not recorded as a run input", data_root)
+        return
+    manifest = json.loads(manifest_file.read_text())
+    source = dict(manifest.get("source") or {})
+    kind = str(source.get("kind", "local"))
+    name = {"dvc": source.get("path"), "folder": Path(str(source.get("path", ""))).name}.get(kind) or kind
+    where = {k: redact_uri(str(v)) for k, v in source.items() if k in ("kind", "name", "path", "repo", "rev", "commit")}
+    profile = {
+        "dataset_hash": manifest.get("dataset_hash"),
+        "num_classes": len((manifest.get("classes") or {}).get("ids", [])),
+        **{split: info.get("count") for split, info in (manifest.get("splits") or {}).items()},
+    }
+    entity = Dataset(
+        name=str(name),
+        digest=str(manifest.get("dataset_hash", ""))[:36],
+        source_type=kind,
+        source=json.dumps(where),
+        profile=json.dumps(profile),
+    )
+    dataset = DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])
+    retry(lambda: client.log_inputs(run_id, datasets=[dataset]))
 
 
 def _numeric(value: Any) -> float | None:
@@ -352,6 +488,9 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (values as strings)."""
 
+    def log_dataset(self, data_root: str | Path, context: str) -> None:
+        """Record the prepared dataset at ``data_root`` as a run input (see :func:`log_dataset_input`)."""
+
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with ``status`` (FINISHED, FAILED or KILLED); later calls do nothing."""
 
@@ -388,8 +527,11 @@ class MLflowTracker(Tracker):
         tags: Mapping[str, Any] | None = None,
         system_metrics: bool = False,
         artifact_location: str | None = None,
+        pipeline_run_id: str = "",
+        kind: str | None = None,
     ) -> None:
         self.uri, self.experiment = uri, experiment
+        self._pipeline_run_id, self._kind, self.parent_run_id = pipeline_run_id, kind, None
         self._run_name, self._resume_id, self._tags = run_name, run_id, dict(tags or {})
         self._system_metrics, self._artifact_location = system_metrics, artifact_location
         self._run_id: str | None = None
@@ -436,9 +578,14 @@ class MLflowTracker(Tracker):
         return self
 
     def _start_run(self, mlflow: Any, nested: bool) -> None:
-        experiment_id = None
+        experiment_id, tags = None, {}
         if self._resume_id is None:
             experiment_id = ensure_experiment(self._client, self.experiment, self.uri, self._artifact_location)
+            if self._kind:
+                tags[RUN_KIND_TAG] = self._kind
+            if self._pipeline_run_id and not nested:  # a step of a pipeline run: nest it under the run's parent
+                self.parent_run_id = pipeline_parent_run(self._client, experiment_id, self._pipeline_run_id)
+                tags.update({PARENT_TAG: self.parent_run_id, PIPELINE_RUN_TAG: self._pipeline_run_id})
         system = self._system_metrics and _psutil_available()
         run = retry(
             lambda: mlflow.start_run(
@@ -446,6 +593,7 @@ class MLflowTracker(Tracker):
                 experiment_id=experiment_id,
                 run_name=self._run_name,
                 nested=nested,
+                tags=tags or None,
                 log_system_metrics=system,
             )
         )
@@ -494,6 +642,9 @@ class MLflowTracker(Tracker):
         if tags:
             self._batch(tags=[RunTag(mlflow_key(k), redact_uri(str(v))[:MAX_TAG_VALUE]) for k, v in tags.items()])
 
+    def log_dataset(self, data_root: str | Path, context: str) -> None:
+        log_dataset_input(self._client, self._run_id, data_root, context)
+
     def _batch(self, **entities: Any) -> None:
         retry(lambda: self._client.log_batch(self._run_id, **entities))
 
@@ -511,6 +662,8 @@ class MLflowTracker(Tracker):
                 mlflow.end_run(status)
             else:
                 self._client.set_terminated(self._run_id, status)
+            if status != "FINISHED" and self.parent_run_id:  # with its step; the last step sets FINISHED
+                self._client.set_terminated(self.parent_run_id, status)
         except Exception as err:  # noqa: BLE001 - a run left RUNNING must not fail the step that produced it
             _logger.warning("could not mark MLflow run %s %s: %s", self._run_id, status, err)
         finally:
@@ -534,6 +687,7 @@ def create_tracker(
     tags: Mapping[str, Any] | None = None,
     run_id: str | None = None,
     system_metrics: bool | None = None,
+    kind: str | None = None,
 ) -> Tracker:
     """A started :class:`MLflowTracker`, or a :class:`NullTracker` when not primary or no URI is configured.
 
@@ -544,6 +698,8 @@ def create_tracker(
         tags: run tags, e.g. :func:`lineage_tags`.
         run_id: resume this run instead of starting one (for example a resumed training job).
         system_metrics: override ``cfg.system_metrics``.
+        kind: the ``dad.run_kind`` tag of a new run (the step: ``train-student``, ``cache-teacher``, ...); with
+            ``cfg.pipeline_run_id`` set, the run is a child of that pipeline run's parent run.
 
     Returns:
         The tracker; use it as a context manager so an exception marks the run FAILED.
@@ -572,5 +728,7 @@ def create_tracker(
         tags=tags,
         system_metrics=cfg.system_metrics if system_metrics is None else system_metrics,
         artifact_location=cfg.artifact_location,
+        pipeline_run_id=cfg.pipeline_run_id,
+        kind=kind,
     )
     return tracker.start()

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from dad_core.checkpoint import load_checkpoint, save_checkpoint
 from dad_core.config import DADConfig, config_hash, config_to_dict, save_config
@@ -29,6 +28,7 @@ from dad_core.data import create_eval_transform, open_split, read_classes
 from dad_core.distributed import barrier, init_distributed, is_primary, set_seed
 from dad_core.errors import DADError
 from dad_core.io import atomic_write_json, sha256_if_file
+from dad_core.progress import progress_bar
 from dad_core.student import create_student, unwrap_model
 from dad_core.task import DADTask
 from dad_core.teacher_cache import cache_dependencies, dataset_hash, load_teacher_cache
@@ -261,8 +261,13 @@ def fit(
     if tracker is None:
         from dad_core.tracking import create_tracker
 
+        mode = cfg.attack.mode if cfg.loss.uses_teacher else "ce"
         tracker = create_tracker(
-            cfg.tracking, primary=is_primary(), run_name=output_dir.name, tags=_lineage(cfg, data_root, cache_dir)
+            cfg.tracking,
+            primary=is_primary(),
+            run_name=f"train-student {cfg.train.model} {mode}",
+            tags=_lineage(cfg, data_root, cache_dir, cache_manifest),
+            kind="train-student",
         )
     run.meta["mlflow_run_id"] = tracker.run_id  # evaluation logs its metrics into the same run
     checkpoint_dir = output_dir / "checkpoint"
@@ -280,7 +285,11 @@ def fit(
         save_config(cfg, output_dir / "config.yaml")
         tracker.log_params(config_to_dict(cfg))
     with tracker:  # a crash marks the MLflow run FAILED instead of leaving it RUNNING
-        report = _loop(run, loader, sampler, dataset, dev, checkpoint_dir, tracker, stop_after_steps, progress)
+        tracker.log_dataset(data_root, "training")
+        validate = lambda: _val_top1(run, data_root, dev)[0]  # noqa: E731 - the loop's per-epoch validation
+        report = _loop(
+            run, loader, sampler, dataset, dev, checkpoint_dir, tracker, stop_after_steps, progress, validate
+        )
         if report.get("stopped"):
             return report
         return _finish(run, cfg, data_root, output_dir, dev, tracker, report)
@@ -393,11 +402,15 @@ def _to_device(batch: dict[str, torch.Tensor], dev: torch.device, channels_last:
     return out
 
 
-def _loop(run: _Run, loader, sampler, dataset, dev, checkpoint_dir: Path, tracker, stop_after_steps, progress):
+def _loop(
+    run: _Run, loader, sampler, dataset, dev, checkpoint_dir: Path, tracker, stop_after_steps, progress, validate
+):
     cfg, t, st = run.cfg, run.cfg.train, run.state
     accum, per_epoch = t.grad_accum, sampler.batches_per_epoch
     total_steps = t.epochs * max(per_epoch // accum, 1)
-    bar = tqdm(total=total_steps, initial=st.step, desc="train", disable=not (progress and is_primary()))
+    bar = progress_bar(
+        total=total_steps, initial=st.step, desc="train", unit="step", enabled=progress, primary=is_primary()
+    )
     channels_last = dev.type == "cuda" and t.channels_last
     run.task.train()
     seen, start, last = 0, time.perf_counter(), {}
@@ -418,7 +431,7 @@ def _loop(run: _Run, loader, sampler, dataset, dev, checkpoint_dir: Path, tracke
                 continue
             last = _optimizer_step(run, out)
             bar.update()
-            bar.set_postfix(epoch=st.epoch, loss=f"{last['loss']:.3f}")
+            bar.set_postfix(epoch=st.epoch, loss=f"{last['loss']:.3f}", refresh=False)
             if st.step % 10 == 0 or st.step == total_steps:
                 tracker.log_metrics(
                     {**last, "images_per_s": seen / max(time.perf_counter() - start, 1e-9)}, step=st.step
@@ -429,7 +442,14 @@ def _loop(run: _Run, loader, sampler, dataset, dev, checkpoint_dir: Path, tracke
             if t.checkpoint_every and st.step % t.checkpoint_every == 0:
                 _save(run, checkpoint_dir)
         st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-        st.history.append({"epoch": st.epoch, **last})
+        epoch = {"epoch": st.epoch, **last}
+        if st.epoch < t.epochs and is_primary():  # the last epoch's is measured by _finish
+            epoch["val_top1"] = validate()
+            tracker.log_metrics({"val_top1": epoch["val_top1"]}, step=st.step)
+            bar.set_postfix(
+                epoch=st.epoch, loss=f"{last.get('loss', float('nan')):.3f}", val=f"{epoch['val_top1']:.1f}"
+            )
+        st.history.append(epoch)
         _save(run, checkpoint_dir)
     bar.close()
     seconds = time.perf_counter() - start
@@ -461,14 +481,24 @@ def _save(run: _Run, directory: Path) -> None:
     barrier()
 
 
-def _lineage(cfg: DADConfig, data_root: Path, cache_dir: str | Path | None) -> dict[str, str]:
+def _lineage(
+    cfg: DADConfig, data_root: Path, cache_dir: str | Path | None, cache_manifest: dict[str, Any] | None
+) -> dict[str, str]:
+    """Run tags: dataset and cache hashes, and the teacher as ``<model>:<pretrained tag or sha256:<12 hex>>`` with
+    its checkpoint's full hash (from the cache manifest, which recorded the checkpoint it was made with)."""
     from dad_core.tracking import lineage_tags
 
-    teacher = f"{cfg.teacher.model_name}:{cfg.teacher.pretrained or cfg.teacher.checkpoint}"
+    teacher, teacher_sha = None, None
+    if cfg.loss.uses_teacher:  # plain CE: no teacher
+        teacher_sha = ((cache_manifest or {}).get("teacher") or {}).get("checkpoint_sha256")
+        teacher_sha = teacher_sha or sha256_if_file(cfg.teacher.checkpoint)
+        weights = cfg.teacher.pretrained or (f"sha256:{teacher_sha[:12]}" if teacher_sha else "untrained")
+        teacher = f"{cfg.teacher.model_name}:{weights}"
     return lineage_tags(
         dataset_hash=dataset_hash(data_root),
         cache_hash=sha256_if_file(Path(cache_dir) / "manifest.json") if cache_dir is not None else None,
-        teacher=teacher if cfg.loss.uses_teacher else None,  # plain CE: no teacher
+        teacher=teacher,
+        teacher_sha256=teacher_sha,
     )
 
 
@@ -494,23 +524,36 @@ def _ranks_in_sync(model: nn.Module) -> bool:
     return len(set(gathered)) == 1
 
 
-def _finish(run: _Run, cfg: DADConfig, data_root: Path, output_dir: Path, dev, tracker, report) -> dict[str, Any]:
+def _val_top1(run: _Run, data_root: Path, dev: torch.device) -> tuple[float, dict[str, Any]]:
+    """Top-1 on the val split of the weights ``load_student`` gives evaluate (the EMA's when there is one).
+
+    The test transform is the one ``dad evaluate`` uses (eval.crop_pct / eval.interpolation, else the student's
+    pretrained_cfg), so the last epoch's value is the clean top-1 evaluate reports for the same val images.
+    """
     from dad_core.evaluate import resolve_eval_transform
     from dad_core.finetune import accuracy
 
-    student = unwrap_model(run.task.student)
-    in_sync = _ranks_in_sync(student)
-    evaluated = run.ema.module if run.ema is not None else student  # the weights load_student gives evaluate
-    # The test transform `dad evaluate` uses (eval.crop_pct / eval.interpolation, else the student's
-    # pretrained_cfg), so val_top1 is the clean top-1 evaluate reports for the same val images.
+    cfg = run.cfg
+    evaluated = run.ema.module if run.ema is not None else unwrap_model(run.task.student)
     crop_pct, interpolation = resolve_eval_transform(evaluated, cfg.eval.crop_pct, cfg.eval.interpolation)
     transform = create_eval_transform(cfg.data.image_size, crop_pct=crop_pct, interpolation=interpolation)
-    val = open_split(data_root, "val", transform)
-    val_top1 = accuracy(evaluated, DataLoader(val, batch_size=256), dev) if is_primary() else None
+    was_training = evaluated.training
+    with torch.inference_mode():
+        top1 = accuracy(evaluated, DataLoader(open_split(data_root, "val", transform), batch_size=256), dev)
+    evaluated.train(was_training)
+    return top1, {"crop_pct": crop_pct, "interpolation": interpolation}
+
+
+def _finish(run: _Run, cfg: DADConfig, data_root: Path, output_dir: Path, dev, tracker, report) -> dict[str, Any]:
+    student = unwrap_model(run.task.student)
+    in_sync = _ranks_in_sync(student)
+    val_top1, val_transform = _val_top1(run, data_root, dev) if is_primary() else (None, None)
+    if is_primary() and run.state.history:
+        run.state.history[-1]["val_top1"] = val_top1
     report = {
         **report,
         "val_top1": val_top1,
-        "val_transform": {"crop_pct": crop_pct, "interpolation": interpolation},
+        "val_transform": val_transform,
         "ranks_in_sync": in_sync,
         "world_size": run.meta["world_size"],
         "output_dir": str(output_dir),

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from dad_core.config import VQGANConfig, VQGANTrainConfig
 from dad_core.distributed import is_primary, resolve_device, set_seed
 from dad_core.errors import DADError
-from dad_core.io import sha256_file
+from dad_core.io import atomic_path, sha256_file
 from dad_core.vqgan import VQGAN
 
 __all__ = ["evaluate_vqgan", "train_vqgan", "vqgan_losses"]
@@ -195,9 +195,25 @@ def evaluate_vqgan(
     }
 
 
+def save_reconstruction_grid(model: VQGAN, dataset: Dataset, path: str | Path, *, count: int = 16) -> Path:
+    """A PNG for a person: the first ``count`` images of ``dataset`` (top row) over their reconstructions (bottom),
+    scaled up to at least 96 pixels per image so small images stay visible. Written atomically; returns ``path``."""
+    from PIL import Image
+
+    images = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        recon = model.reconstruct(images.to(device)).float().cpu().clamp(0, 1)
+    rows = torch.cat([torch.cat(list(images), dim=2), torch.cat(list(recon), dim=2)], dim=1)  # [3, 2H, count * W]
+    pixels = (rows.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    scale = max(1, math.ceil(96 / images.shape[-1]))
+    picture = Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST)
+    return atomic_path(Path(path), lambda tmp: picture.save(tmp, format="PNG"))
+
+
 def _fit(model: VQGAN, loader: DataLoader, tcfg: VQGANTrainConfig, device: torch.device, progress: bool) -> dict:
     """The epoch loop; returns the last step's losses, step count, images seen and codes restarted."""
-    from tqdm.auto import tqdm
+    from dad_core.progress import progress_bar
 
     total_steps = tcfg.epochs * len(loader)
     optimizer, scheduler = _create_optimizer(model, tcfg, total_steps)
@@ -209,14 +225,16 @@ def _fit(model: VQGAN, loader: DataLoader, tcfg: VQGANTrainConfig, device: torch
         "counts": torch.zeros(model.config["n_embed"], dtype=torch.long, device=device),
     }
     step, seen, losses = 0, 0, {}
-    with tqdm(total=total_steps, desc="train-vqgan", disable=not (progress and is_primary())) as bar:
+    with progress_bar(
+        total=total_steps, desc="train-vqgan", unit="step", enabled=progress, primary=is_primary()
+    ) as bar:
         for _ in range(tcfg.epochs):
             for images, _labels in loader:
                 losses = _train_step(model, images.to(device), step, state, tcfg)
                 step, seen = step + 1, seen + images.shape[0]
                 bar.update(1)
                 if step % 10 == 0:
-                    bar.set_postfix(loss=f"{losses['loss']:.4f}", l1=f"{losses['l1']:.4f}")
+                    bar.set_postfix(loss=f"{losses['loss']:.4f}", l1=f"{losses['l1']:.4f}", refresh=False)
     return {"losses": losses, "steps": step, "images": seen, "restarted_codes": state["restarted"]}
 
 
@@ -265,6 +283,9 @@ def train_vqgan(
     model.eval()
     metrics = evaluate_vqgan(model, val_dataset if val_dataset is not None else dataset, batch_size=256)
     path = model.save_checkpoint(output_path)
+    grid = save_reconstruction_grid(
+        model, val_dataset if val_dataset is not None else dataset, path.with_name(f"{path.stem}.reconstructions.png")
+    )
     report = {
         "config": cfg.config,
         "epochs": tcfg.epochs,
@@ -277,6 +298,7 @@ def train_vqgan(
         "val": metrics,
         "output": str(path),
         "sha256": sha256_file(path),
+        "reconstructions": str(grid),
     }
     _logger.info(
         "VQGAN %s: PSNR %.2f dB, codebook usage %.1f%%, %.0f images/s -> %s",

@@ -57,6 +57,11 @@ from typing import Any  # noqa: E402
 
 from kfp import compiler, dsl, kubernetes  # noqa: E402
 
+from pipelines._image_flag import check_image_flag, export_image_flag  # noqa: E402
+
+if __name__ == "__main__":
+    export_image_flag(sys.argv[1:])  # before the components are defined: they take DAD_IMAGE then
+
 from components._image import DAD_IMAGE  # noqa: E402
 from components.cache_teacher import cache_teacher, collect_teacher_cache, shard_indices  # noqa: E402
 from components.config_overrides import config_overrides  # noqa: E402
@@ -220,20 +225,26 @@ def dad_pipeline(
     knobs = {"student_model": student_model, "epochs": epochs, "attack_mode": attack_mode, "eps": eps}
 
     def merged(name: str) -> Any:
-        task = config_overrides(params=given_params, loss_variant=loss_variant, **knobs).set_display_name(name)
+        task = config_overrides(
+            params=given_params,
+            loss_variant=loss_variant,
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            pipeline_run_id=run_id,
+            **knobs,
+        ).set_display_name(name)
         return _client_pod(task, "light").output
 
     given_params = params
     params = merged("config-overrides")  # what every step gets
-    data = _client_pod(prepare_data(params=params), "data", s3_secret)
+    data = _client_pod(prepare_data(params=params), "data", s3_secret, mlflow_secret)  # opens the MLflow run
     # Off: the source may change under the same settings (data.dvc_rev a branch, a data.source_dir folder).
     data.set_caching_options(False)
     kubernetes.mount_pvc(data, datasets_pvc, DATASETS_MOUNT)
     dataset = data.outputs["dataset"]
 
-    def gpu_step(component: Any, secret: Any = None, **inputs: Any) -> dsl.PipelineTask:
+    def gpu_step(component: Any, **inputs: Any) -> dsl.PipelineTask:  # each logs a child run into MLflow
         inputs = {"params": params, **inputs}
-        task = _client_pod(component(dataset=dataset, **inputs), "gpu", mlflow_secret=secret)
+        task = _client_pod(component(dataset=dataset, **inputs), "gpu", mlflow_secret=mlflow_secret)
         return _on_gpu(task, GPUS_PER_STEP, **gpu)
 
     teacher = _checkpoint(teacher_checkpoint, gpu_step, "teacher", component=finetune_teacher)
@@ -291,7 +302,7 @@ def dad_pipeline(
         reimport=False,
     ).set_display_name("import-student")
 
-    evaluation = gpu_step(evaluate_ood, mlflow_secret, student=student.output, mlflow_tracking_uri=mlflow_tracking_uri)
+    evaluation = gpu_step(evaluate_ood, student=student.output, mlflow_tracking_uri=mlflow_tracking_uri)
     _retried(evaluation)
     registered = _client_pod(
         register_model(
@@ -552,6 +563,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="pipeline parameter, or a dotted config override such as train.epochs=2 (repeatable)",
     )
     parser.add_argument("--output", type=Path, default=Path("dad_pipeline.yaml"), help="--compile: spec file")
+    parser.add_argument(
+        "--image",
+        default=None,
+        help="--compile/--submit: the image of every step and of the training job (default: $DAD_IMAGE, else "
+        "ghcr.io/dad-on-kubeflow/dad:<version>)",
+    )
     parser.add_argument("--host", help="--submit: the Kubeflow Pipelines API, e.g. http://localhost:8080")
     parser.add_argument("--experiment", default="dad", help="--submit: experiment name")
     parser.add_argument("--run-name", default=None, help="--submit: run name")
@@ -567,6 +584,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if message := check_image_flag(args.image, DAD_IMAGE):
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     try:
         arguments = parse_params(args.params)
         if args.compile:

@@ -121,12 +121,26 @@ def _quiet_open_clip(record: logging.LogRecord) -> bool:
     )
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is emitted, so a stream replaced since (a caller's redirect,
+    a test's capture that is now closed) never receives or breaks a later log line."""
+
+    @property
+    def stream(self):  # noqa: D102 - logging.StreamHandler's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(primary: bool = True, level: int = logging.INFO) -> None:
     """Log to stderr on the primary rank; warnings only elsewhere."""
     logging.basicConfig(
         level=level if primary else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
+        handlers=[_StderrHandler()],
         force=True,
     )
     for handler in logging.getLogger().handlers:

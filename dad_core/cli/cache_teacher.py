@@ -97,8 +97,10 @@ def _log_to_mlflow(cfg, report: dict, output: Path) -> None:
     from dad_core.config import config_to_dict
     from dad_core.tracking import create_tracker
 
-    with create_tracker(cfg.tracking, primary=True, run_name=f"cache-teacher-{report['shard_index']}") as tracker:
-        tracker.log_params({"attack": config_to_dict(cfg.attack)})
+    name = f"cache-teacher worker {report['shard_index']}/{report['num_shards']}"
+    with create_tracker(cfg.tracking, primary=True, run_name=name, kind="cache-teacher") as tracker:
+        tracker.log_params({"attack": config_to_dict(cfg.attack), "cache": config_to_dict(cfg.cache)})
+        tracker.log_metrics({"cache/images_per_s": report.get("images_per_s")})
         for shard in report["shard_diagnostics"]:
             tracker.log_metrics({f"cache/shard/{k}": v for k, v in shard.items() if k != "shard"}, step=shard["shard"])
         tracker.log_metrics({f"cache/{k}": v for k, v in report["diagnostics"].items()})

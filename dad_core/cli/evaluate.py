@@ -67,8 +67,11 @@ def _log_to_training_run(cfg, checkpoint: Path, report: dict, paths: dict) -> No
 
     meta = checkpoint / "meta.json"
     run_id = json.loads(meta.read_text()).get("mlflow_run_id") if meta.is_file() else None
-    with create_tracker(cfg.tracking, primary=True, run_name=None if run_id else "evaluate", run_id=run_id) as tracker:
+    with create_tracker(
+        cfg.tracking, primary=True, run_name=None if run_id else "evaluate", run_id=run_id, kind="evaluate"
+    ) as tracker:
         tracker.log_metrics({f"eval/{k}": v for k, v in flatten_metrics(report).items()})
+        tracker.log_dataset(cfg.data.root, "evaluation")
         for path in paths.values():
             tracker.log_artifact(Path(path), artifact_path="evaluation")
 

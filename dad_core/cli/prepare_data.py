@@ -57,6 +57,11 @@ def _body(argv: list[str] | None) -> int:
         )
     report["config"] = config_to_dict(data)
     path = write_report(report, args.report or output.with_name(f"{output.name}.report.json"))
+    cfg = config_from_args(args)
+    if cfg.tracking.pipeline_run_id:  # the pipeline's first step: its MLflow parent run starts here
+        from dad_core.tracking import open_pipeline_run
+
+        open_pipeline_run(cfg.tracking, output, {**config_to_dict(cfg), "data": report["config"]})
     counts = ", ".join(f"{k} {v}" for k, v in {**report["counts"], **report.get("suites", {})}.items())
     print(
         f"prepared {output}: {counts}; {len(report['skipped'])} skipped; "

@@ -11,6 +11,7 @@ promotion gate (``dad promote``); a report without the gate's two metrics (``reg
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from dad_core.cli._common import add_config_args, config_from_args, run_main, setup_logging, write_report
@@ -54,10 +55,13 @@ def _main(argv: list[str] | None) -> int:
     cfg = config_from_args(args)
     setup_logging()
     from dad_core.registry import Gate, load_eval_metrics, register_model
+    from dad_core.tracking import finish_pipeline_run
 
+    table = args.eval_report.with_suffix(".md")  # dad evaluate writes eval_report.md beside eval_report.json
+    metrics = load_eval_metrics(args.eval_report)
     result = register_model(
         args.checkpoint,
-        load_eval_metrics(args.eval_report),
+        metrics,
         name=args.name or cfg.registry.model_name,
         alias=args.alias,
         tags=parse_tags(args.tags),
@@ -67,7 +71,10 @@ def _main(argv: list[str] | None) -> int:
         timeout_s=cfg.tracking.timeout_s,
         gate=Gate.from_config(cfg.registry),
         promote=args.promote,
+        description=table.read_text() if table.is_file() else None,
     )
+    # The pipeline's last step: its MLflow parent run is done.
+    finish_pipeline_run(dataclasses.replace(cfg.tracking, uri=args.tracking_uri or cfg.tracking.uri), metrics=metrics)
     print(f"name: {result['name']}\nversion: {result['version']}\nalias: {', '.join(result['aliases'])}")
     if result["promotion"] is not None:
         print(f"promotion: {result['promotion']['outcome']} ({result['promotion']['reason']})")

@@ -36,6 +36,7 @@ def _body(argv: list[str] | None) -> int:
         train_set, cfg.vqgan, args.output, device=args.device, val_dataset=val_set, progress=not args.no_progress
     )
     path = write_report(report, report_path(args))
+    _log_to_mlflow(cfg, root, report, path)
     val = report["val"]
     print(
         f"VQGAN {report['config']}: {report['eval_split']} PSNR {val['psnr_db']:.2f} dB, codebook usage "
@@ -43,6 +44,22 @@ def _body(argv: list[str] | None) -> int:
         f"{report['images_per_s']} images/s; checkpoint {report['output']}; report {path}"
     )
     return 0
+
+
+def _log_to_mlflow(cfg, data_root: Path, report: dict, report_file: Path) -> None:
+    """A run ``train-vqgan``: its settings, PSNR, codebook use and perplexity, and the reconstruction grid."""
+    from dad_core.config import config_to_dict
+    from dad_core.tracking import create_tracker
+
+    with create_tracker(cfg.tracking, primary=True, run_name="train-vqgan", kind="train-vqgan") as tracker:
+        tracker.log_params({"vqgan": config_to_dict(cfg.vqgan)})
+        tracker.log_dataset(data_root, "training")
+        tracker.log_metrics({f"vqgan/{k}": v for k, v in report["val"].items()})
+        tracker.log_metrics({"vqgan/images_per_s": report["images_per_s"], "vqgan/steps": report["steps"]})
+        tracker.set_tags({"dad.vqgan_sha256": report.get("sha256", "")})
+        tracker.log_artifact(report_file, artifact_path="vqgan")
+        if report.get("reconstructions"):
+            tracker.log_artifact(Path(report["reconstructions"]), artifact_path="vqgan")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -314,6 +314,17 @@ def test_config_overrides_appends_the_knobs_that_are_set():
     assert cfg.train.epochs == 5 and cfg.attack.mode == "none" and cfg.loss.variant == "C"
 
 
+def test_config_overrides_give_every_step_the_tracking_server_and_the_pipeline_run():
+    merged = config_overrides.python_func(
+        params=["tracking.uri=sqlite:///x.db"], mlflow_tracking_uri="http://mlflow:5000", pipeline_run_id="0123"
+    )
+    assert merged[1:] == ['tracking.uri="http://mlflow:5000"', 'tracking.pipeline_run_id="0123"']
+    from dad_core.config import load_config
+
+    cfg = load_config(None, merged)
+    assert cfg.tracking.uri == "http://mlflow:5000" and cfg.tracking.pipeline_run_id == "0123"  # a string, not 123
+
+
 def test_register_model_sets_the_challenger_with_lineage_tags(tmp_path, monkeypatch):
     result = {
         "name": "dad-student",

@@ -43,15 +43,18 @@ def test_survival_diagnostics_go_to_the_tracker(tmp_path, monkeypatch):
     shard = {"images": 32, "top1_dad": 0.5, "codes_changed": None}
     report = {
         "shard_index": 1,
+        "num_shards": 2,
+        "images_per_s": 12.5,
         "complete": True,
         "shard_diagnostics": [{"shard": 1, **shard}, {"shard": 3, **shard}],
         "diagnostics": {"images": 64, "top1_dad": 0.5, "codes_changed": None},
         "cache_diagnostics": {"images": 128, "top1_dad": 0.25},
     }
     cli._log_to_mlflow(load_config(None, ["attack.space=latent"]), report, tmp_path)
-    assert runs == ["cache-teacher-1"]
+    assert runs == ["cache-teacher worker 1/2"]
     assert recorder.params["attack"]["space"] == "latent"
     assert recorder.metrics == [
+        ({"cache/images_per_s": 12.5}, None),
         ({"cache/shard/images": 32, "cache/shard/top1_dad": 0.5, "cache/shard/codes_changed": None}, 1),
         ({"cache/shard/images": 32, "cache/shard/top1_dad": 0.5, "cache/shard/codes_changed": None}, 3),
         ({"cache/images": 64, "cache/top1_dad": 0.5, "cache/codes_changed": None}, None),

@@ -6,6 +6,7 @@ pipeline, rewrite it with ``UPDATE_GOLDEN=1 pytest tests/pipelines`` and review 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -243,13 +244,14 @@ def test_mlflow_clients_get_the_optional_mlflow_credentials(spec, platform):
     defaults = {name: p.get("defaultValue") for name, p in pipeline["root"]["inputDefinitions"]["parameters"].items()}
     assert defaults["mlflow_secret"] == platform.MLFLOW_SECRET
     displayed = _by_display_name(pipeline)
-    for step in ("train-student", "train-student-launcher", "evaluate-ood", "register-model"):
+    tracked = ("prepare-data", "finetune-teacher", "train-vqgan", "cache-teacher", "train-student")
+    for step in (*tracked, "train-student-launcher", "evaluate-ood", "register-model"):  # each logs into MLflow
         secrets = executors[_executor(pipeline, displayed[step])]["secretAsEnv"]
         (mlflow,) = [s for s in secrets if _parameter(s["secretNameParameter"]) == "mlflow_secret"]
         assert mlflow["optional"] is True  # dev has no such Secret and no login
         assert [k["secretKey"] for k in mlflow["keyToEnv"]] == list(platform.MLFLOW_SECRET_KEYS)
         assert [k["envVar"] for k in mlflow["keyToEnv"]] == list(platform.MLFLOW_SECRET_KEYS)
-    for step in ("prepare-data", "cache-teacher", "collect-teacher-cache"):
+    for step in ("collect-teacher-cache", "shard-indices"):
         secrets = executors[_executor(pipeline, displayed[step])].get("secretAsEnv", [])
         assert all(_parameter(s["secretNameParameter"]) != "mlflow_secret" for s in secrets), step
 
@@ -278,6 +280,34 @@ def test_every_step_runs_the_project_image(spec):
     for container in containers:
         assert container["image"] == DAD_IMAGE
         assert "pip install" not in " ".join(container["command"])  # install_kfp_package=False, no packages
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_the_image_is_chosen_at_compile_time(tmp_path, how):
+    """``--image`` or ``DAD_IMAGE`` sets every step's image and the training job's, recorded in the spec."""
+    image, path = "registry.internal:5000/dad:candidate", tmp_path / "spec.yaml"
+    env = (
+        {**os.environ, "DAD_IMAGE": image}
+        if how == "environment"
+        else {k: v for k, v in os.environ.items() if k != "DAD_IMAGE"}
+    )
+    args = [sys.executable, str(SCRIPT), "--compile", "--output", str(path)] + (
+        ["--image", image] if how == "flag" else []
+    )
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert result.returncode == 0, result.stderr
+    pipeline = next(yaml.safe_load_all(path.read_text()))
+    images = {e["container"]["image"] for e in pipeline["deploymentSpec"]["executors"].values() if "container" in e}
+    assert images == {image}
+    launcher = _by_display_name(pipeline)["train-student-launcher"]["inputs"]["parameters"]
+    assert launcher["job"]["runtimeValue"]["constant"]["image"] == image
+
+
+def test_an_image_flag_after_the_components_were_imported_is_refused(capsys):
+    from pipelines import dad_pipeline
+
+    assert dad_pipeline.main(["--compile", "--image", "other/image:1", "--output", "unused.yaml"]) == 2
+    assert "--image other/image:1: the components were imported with" in capsys.readouterr().err
 
 
 def test_parse_params():
@@ -458,15 +488,28 @@ def test_local_run_trains_evaluates_and_registers(tmp_path, mlflow_sqlite_uri):
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_sqlite_uri)
     (experiment,) = [e for e in client.search_experiments() if e.name == "dad"]
-    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    training = runs["student"]
-    assert training.info.status == "FINISHED"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's training view
+    runs = {r.data.tags.get("dad.run_kind"): r for r in client.search_runs([experiment.experiment_id])}
+    parent, training = runs.pop("pipeline"), runs["train-student"]
+    assert parent.info.status == "FINISHED" and parent.data.params["train.epochs"] == "1"
+    assert set(runs) == {"finetune-teacher", "train-vqgan", "cache-teacher", "train-student"}  # one child per step
+    for child in client.search_runs([experiment.experiment_id], "tags.`dad.run_kind` != 'pipeline'"):
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["dad.pipeline_run_id"] == parent.data.tags["dad.pipeline_run_id"]
+    assert training.info.status == "FINISHED" and training.info.run_name == "train-student resnet10t dad"
     assert training.data.params["train.epochs"] == "1" and "val_top1" in training.data.metrics
+    manifest = json.loads((run_dir / "prepare-data" / "dataset" / "manifest.json").read_text())
+    assert [d.dataset.digest for d in training.inputs.dataset_inputs] == [manifest["dataset_hash"][:36]]
+    assert training.data.tags["dad.teacher"].startswith("dad-tiny-clip:sha256:")
+    assert runs["train-vqgan"].data.metrics["vqgan/psnr_db"] > 0
+    assert "teacher/zero_shot_top1" in runs["finetune-teacher"].data.metrics
     assert training.data.metrics["eval/ood_mean_top1"] == pytest.approx(report["ood_mean_top1"])
     assert {"dad.dataset_hash", "dad.cache_hash", "dad.teacher", "dad.git_sha"} <= set(training.data.tags)
     assert {"config.yaml", "report.json", "model"} <= {a.path for a in client.list_artifacts(training.info.run_id)}
     version = client.get_model_version_by_alias("dad-student", "champion")
     assert set(version.aliases) == {"challenger", "champion"} and str(version.version) == "1"
+    assert version.run_id == training.info.run_id  # registered from the training run
+    assert "| digits-c |" in version.description  # the evaluation table
     assert version.tags["dad.metric.ood_mean_top1"] == str(report["ood_mean_top1"])
     mlflow.set_tracking_uri(mlflow_sqlite_uri)
     import numpy as np
