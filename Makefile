@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 
-.PHONY: help install run test test-fast lint format compile render-k8s image bench clean
+.PHONY: help install browser run test test-fast lint format compile render-k8s image bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -21,10 +21,23 @@ $(VENV)/.installed: requirements.lock.txt pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv from the lock file (torch 2.14.1, timm, open_clip, kfp, mlflow, dvc)
 
+# Debian's Chromium for the MLflow UI tests (tests/ui, driven by Playwright from the lock; nothing else is downloaded).
+# Idempotent: nothing happens when it is there; as root with apt-get it is installed; otherwise the UI tests fail and
+# say what to install.
+CHROMIUM ?= /usr/bin/chromium
+browser:  ## install Debian's Chromium for the MLflow UI tests when it is missing (apt-get, as root)
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium for tests/ui"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	else \
+		echo "warning: $(CHROMIUM) is missing and can't be installed here (needs apt-get as root): tests/ui will fail" >&2; \
+	fi
+
 run: install  ## the main job: the whole pipeline on the embedded defaults, locally
 	$(PY) pipelines/dad_pipeline.py --local
 
-test: install  ## lint, then every test tier that needs no GPU (unit, slow, integration)
+test: install browser  ## lint, then every test tier that needs no GPU (unit, slow, integration, the MLflow UI)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -m "not gpu"

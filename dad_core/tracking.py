@@ -44,6 +44,7 @@ __all__ = [
     "flatten_params",
     "git_sha",
     "is_transient",
+    "experiment_link",
     "finish_pipeline_run",
     "lineage_tags",
     "log_dataset_input",
@@ -329,6 +330,15 @@ def ensure_experiment(client: Any, name: str, uri: str, artifact_location: str |
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         return client.get_experiment_by_name(name).experiment_id
+
+
+def experiment_link(ui_url: str, experiment_id: str) -> str:
+    """The link that opens an experiment's runs table in the MLflow UI at ``ui_url``.
+
+    MLflow 3.x's UI picks its GenAI or model-training view from the browser (default GenAI, remembered per browser)
+    or from this link's ``workflowType``, not from the experiment's kind tag: the link names the training view.
+    """
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def pipeline_parent_run(client: Any, experiment_id: str, pipeline_run_id: str) -> str:

@@ -544,8 +544,29 @@ def run_local(output_dir: Path, arguments: dict[str, Any]) -> int:
     print(f"  logs:             {logs}")
     print(f"  shared workdir:   {arguments['workdir']}")
     print(f"  registered model: {result.output}")
-    print(f"  MLflow UI:        mlflow ui --backend-store-uri {uri}")
+    print(f"  MLflow UI:        {_mlflow_ui_hint(uri, list(arguments.get('params', [])))}")
     return 0
+
+
+def _mlflow_ui_hint(uri: str, overrides: list[str]) -> str:
+    """How to see the run: the experiment's link on an MLflow server, or the ``mlflow ui`` command and the link."""
+    from dad_core.config import load_config
+    from dad_core.tracking import experiment_link
+
+    command = f"mlflow ui --backend-store-uri {uri}"
+    try:
+        from mlflow import MlflowClient
+
+        params = Path("params.yaml")
+        name = load_config(params if params.is_file() else None, overrides).tracking.experiment
+        experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    except Exception:  # noqa: BLE001 - a hint: the run itself succeeded
+        experiment = None
+    if experiment is None:
+        return command
+    if uri.startswith(("http://", "https://")):
+        return experiment_link(uri, experiment.experiment_id)
+    return f"{command}, then open {experiment_link('http://127.0.0.1:5000', experiment.experiment_id)}"
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
