@@ -374,15 +374,11 @@ def pipeline_parent_run(client: Any, experiment_id: str, pipeline_run_id: str) -
 
 def _pipeline_parent(cfg: TrackingConfig) -> tuple[Any, str] | None:
     """``(client, parent run id)`` of ``cfg.pipeline_run_id``; None when tracking is off or there is no pipeline run."""
-    uri = resolve_tracking_uri(cfg.uri)
-    if uri is None or not cfg.pipeline_run_id:
+    clean = _reachable_uri(cfg) if cfg.pipeline_run_id else None
+    if clean is None:
         return None
     import mlflow
 
-    clean, missing = tracking_credentials(uri)
-    if missing:
-        raise TrackingError(f"tracking URI {redact_uri(uri)} carries credentials: set {_USERNAME}/{_PASSWORD} instead")
-    check_tracking_server(clean, cfg.timeout_s, hint="fix tracking.uri" if cfg.uri else "unset MLFLOW_TRACKING_URI")
     client = mlflow.MlflowClient(tracking_uri=clean)
     experiment_id = ensure_experiment(client, cfg.experiment, clean, cfg.artifact_location)
     return client, pipeline_parent_run(client, experiment_id, cfg.pipeline_run_id)
@@ -689,6 +685,25 @@ def _psutil_available() -> bool:
     return True
 
 
+def _reachable_uri(cfg: TrackingConfig) -> str | None:
+    """The tracking URI of ``cfg`` without credentials, its server probed; None when tracking is off.
+
+    Raises:
+        TrackingError: the URI carries credentials that are not in the environment, or the server does not answer.
+    """
+    uri = resolve_tracking_uri(cfg.uri)
+    if uri is None:
+        return None
+    clean, missing = tracking_credentials(uri)
+    if missing:
+        raise TrackingError(
+            f"tracking URI {redact_uri(uri)} carries credentials: set {_USERNAME}/{_PASSWORD} instead "
+            "(the dad CLIs do this for you)"
+        )
+    check_tracking_server(clean, cfg.timeout_s, hint="fix tracking.uri" if cfg.uri else "unset MLFLOW_TRACKING_URI")
+    return clean
+
+
 def create_tracker(
     cfg: TrackingConfig,
     *,
@@ -719,17 +734,9 @@ def create_tracker(
             carries credentials that are not in ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` (the library does not
             write the environment: the CLIs move them there, see ``dad_core.cli._common``).
     """
-    uri = resolve_tracking_uri(cfg.uri)
-    if not primary or uri is None:
+    clean = _reachable_uri(cfg) if primary else None
+    if clean is None:
         return NullTracker()
-    clean, missing = tracking_credentials(uri)
-    if missing:
-        raise TrackingError(
-            f"tracking URI {redact_uri(uri)} carries credentials: set {_USERNAME}/{_PASSWORD} instead "
-            "(the dad CLIs do this for you)"
-        )
-    hint = "fix tracking.uri" if cfg.uri else "unset MLFLOW_TRACKING_URI"
-    check_tracking_server(clean, cfg.timeout_s, hint=hint)
     tracker = MLflowTracker(
         clean,
         cfg.experiment,
