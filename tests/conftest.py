@@ -67,6 +67,18 @@ def pool_discretizer():
     return PoolDiscretizer()
 
 
+@pytest.fixture
+def clean_mlflow_state(monkeypatch):
+    """No tracking URI from the environment, and no run or URI left behind for the next test (MLflow tests)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    import mlflow
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory):
     """The embedded digits prepared once per session (suites with 10 images per class to keep it quick)."""

@@ -21,16 +21,7 @@ from dad_core.tracking import (
     pipeline_parent_run,
 )
 
-
-@pytest.fixture(autouse=True)
-def _clean_mlflow_state(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    import mlflow
-
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+pytestmark = pytest.mark.usefixtures("clean_mlflow_state")
 
 
 @pytest.fixture

@@ -30,15 +30,7 @@ from dad_core.tracking import TrackingError, create_tracker
 CLASSES = ["zero", "one", "two"]
 
 
-@pytest.fixture(autouse=True)
-def _clean_mlflow_state(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    import mlflow
-
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+pytestmark = pytest.mark.usefixtures("clean_mlflow_state")
 
 
 @pytest.fixture

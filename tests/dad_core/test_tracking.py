@@ -28,17 +28,7 @@ from dad_core.tracking import (
     retry,
 )
 
-
-@pytest.fixture(autouse=True)
-def _clean_mlflow_state(monkeypatch):
-    """No tracking URI from the environment, and no run or URI left behind for the next test."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    import mlflow
-
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+pytestmark = pytest.mark.usefixtures("clean_mlflow_state")
 
 
 def _closed_port() -> int:
