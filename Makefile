@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 
-.PHONY: help install browser run test test-fast lint format compile render-k8s image bench clean
+.PHONY: help install browser run test test-container test-fast lint format compile render-k8s image bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -40,10 +40,16 @@ run: install  ## the main job: the whole pipeline on the embedded defaults, loca
 test: install browser  ## lint, then every test tier that needs no GPU (unit, slow, integration, the MLflow UI)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -m "not gpu"
+	$(PY) -m pytest -m "not gpu and not container"
+
+# Builds the image from nothing with a dockerd of its own (installs docker.io and mmdebstrap when missing, as root;
+# its data root is a cache folder outside the clone, $$DAD_CONTAINER_CACHE), then runs tests/container: the image's
+# checks and the whole pipeline with --runner docker. See container/test_container.sh.
+test-container: install  ## build the image here (own dockerd, Debian base) and run the whole pipeline in containers
+	PY=$(PY) container/test_container.sh
 
 test-fast: install  ## unit tests only
-	$(PY) -m pytest -m "not slow and not integration and not gpu"
+	$(PY) -m pytest -m "not slow and not integration and not gpu and not container"
 
 lint: install  ## ruff lint + format check
 	$(VENV)/bin/ruff check .

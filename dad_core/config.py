@@ -81,6 +81,9 @@ class DataConfig:
     source_dir: str | None = None  # for source=folder/dvc: ImageNet-style tree (train/<class>/, val/<class>/)
     dvc_repo: str | None = None  # for source=dvc: git URL or path of the DVC repository
     dvc_rev: str | None = None  # for source=dvc: git revision (tag, branch, SHA)
+    # for source=dvc: a folder (the datasets volume) keeping one checkout per resolved commit, which the steps read in
+    # place and later runs of the same commit reuse; None: the checkout goes inside the prepared dataset
+    dvc_checkouts: str | None = None
     image_size: int = 32  # training/eval resolution in pixels
     val_fraction: float = 0.25  # held-out share of the embedded digits (seeded, stratified split)
     seed: int = 0

@@ -13,8 +13,10 @@ Three sources, one output contract (``root`` = the output folder)::
                                                                           layout corruption/severity/class-folders
     root/suites/digits-r/<id>/<index:04d>.png                            kind rendition, layout class-folders
     folder / dvc (the files are referenced, never copied):
-    manifest["root"]                 where the images are: an absolute source path (folder), or ``source``,
-                                     the DVC checkout inside the output folder (dvc); relative = to ``root``
+    manifest["root"]                 where the images are: an absolute source path (folder), the DVC checkout in
+                                     ``data.dvc_checkouts`` (dvc; one per resolved commit, reused), or ``source``,
+                                     the DVC checkout inside the output folder (dvc without a checkouts folder);
+                                     relative = to ``root``
 
 ``manifest["files"]`` maps every data file's path (relative to ``manifest["root"]``; skipped files left out)
 to its sha256; the class of ``<split>/<id>/<file>`` is ``id``'s line in ``classes.txt``, never folder order.
@@ -27,15 +29,17 @@ library versions, and the CLI writes the report beside it (``<output>.report.jso
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -490,46 +494,107 @@ def prepare_dvc(
     *,
     classes_file: str | Path | None = None,
     progress: bool = True,
+    checkouts: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Materialize ``path`` at ``rev`` of a DVC repository into ``output_root/source`` and prepare it as a folder.
+    """Check out ``path`` at ``rev`` of a DVC repository and prepare it as a folder.
 
     Args:
         repo: git URL or local path of the DVC repository.
         rev: git revision (tag, branch, commit); None = the default branch / working tree.
         path: the ImageNet-style tree inside the repository.
-        output_root: the dataset folder; ``source/`` inside it holds the files, ``manifest["root"]`` is ``source``.
+        output_root: the dataset folder (classes.txt, manifest.json).
         cfg: data settings.
         classes_file: explicit class list (see :func:`prepare_folder`).
         progress: show a progress bar (else a progress log line every 30 s).
+        checkouts: a folder keeping one checkout per repository and resolved commit
+            (``<checkouts>/<repo key>/<commit>/<path>``): the first run of a commit downloads it there, later runs
+            reuse it, and ``manifest["root"]`` points at it, so the dataset is never copied again. None: the files
+            go into ``output_root/source`` and ``manifest["root"]`` is ``source``.
 
     Returns:
-        The report of :func:`prepare_folder`, with ``source`` naming repo, rev, path and the resolved commit.
+        The report of :func:`prepare_folder`, with ``source`` naming repo, rev, path, the resolved commit and, with
+        ``checkouts``, the ``checkout`` folder and whether it was ``reused``.
 
     Raises:
         DatasetError: the repository, revision or path cannot be read (the message names them).
     """
     started = time.perf_counter()
     output_root = Path(output_root)
-    with atomic_dir(output_root) as tmp:
-        source = {"kind": "dvc", "repo": repo, "rev": rev, "path": path, **_dvc_get(repo, rev, path, tmp / "source")}
-        manifest, bad = _prepare_folder_into(tmp, tmp / "source", "source", cfg, classes_file, progress, source)
+    source = {"kind": "dvc", "repo": repo, "rev": rev, "path": path}
+    if checkouts is not None:
+        checkout, resolved = _dvc_checkout(repo, rev, path, Path(checkouts))
+        source.update(resolved, checkout=str(checkout))
+        with atomic_dir(output_root) as tmp:
+            manifest, bad = _prepare_folder_into(tmp, checkout, str(checkout), cfg, classes_file, progress, source)
+    else:
+        with atomic_dir(output_root) as tmp:
+            source.update(_dvc_get(repo, rev, path, tmp / "source"))
+            manifest, bad = _prepare_folder_into(tmp, tmp / "source", "source", cfg, classes_file, progress, source)
     return _report(manifest, output_root, started, len(manifest["files"]) + len(bad), skipped=bad)
+
+
+def _dvc_checkout(repo: str, rev: str | None, path: str, checkouts: Path) -> tuple[Path, dict[str, Any]]:
+    """The checkout of ``path`` at the commit ``rev`` resolves to, under ``checkouts``: made once, then reused.
+
+    A checkout is downloaded next to its place and renamed into it when complete, so a folder at the place is always
+    whole; of two runs checking out the same commit at once, the first rename wins and the other run uses it.
+    """
+    with _dvc_errors(repo, rev, path):
+        fs = _dvc_fs(repo, rev)
+        commit = fs.repo.get_rev()  # the commit ``rev`` resolved to (scm.get_rev() would be the clone's HEAD)
+    name = Path(str(repo).rstrip("/")).name.removesuffix(".git") or "repo"
+    key = f"{name}-{hashlib.sha256(str(repo).encode()).hexdigest()[:12]}"
+    target = checkouts / key / commit / path.strip("/")
+    if target.is_dir():
+        _logger.info("dvc: %s at %s is checked out already: %s", path, commit[:12], target)
+        return target, {"commit": commit, "reused": True}
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}-{time.monotonic_ns()}")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _dvc_errors(repo, rev, path):
+            _dvc_download(fs, path, partial, repo, rev)
+        try:
+            partial.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            _logger.info("dvc: another run checked out %s at %s first; using it", path, commit[:12])
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target, {"commit": commit, "reused": False}
+
+
+def _dvc_fs(repo: str, rev: str | None) -> Any:
+    from dvc.api import DVCFileSystem
+
+    return DVCFileSystem(repo, rev=rev)
+
+
+@contextlib.contextmanager
+def _dvc_errors(repo: str, rev: str | None, path: str) -> Iterator[None]:
+    """DVC's and scmrepo's many error types (RevError, CloneError, NoRemoteError, ...) as one DatasetError."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised with the repository, revision and path named
+        where = f"{path!r} at revision {rev or '(default)'} of DVC repository {repo}"
+        raise DatasetError(f"cannot read {where}: {type(err).__name__}: {err}") from err
+
+
+def _dvc_download(fs: Any, path: str, target: Path, repo: str, rev: str | None) -> None:
+    if not fs.isdir(path):
+        raise DatasetError(f"{path!r} at revision {rev or '(default)'} of DVC repository {repo}: not a folder in it")
+    fs.get(path.rstrip("/") + "/", str(target) + "/", recursive=True)
 
 
 def _dvc_get(repo: str, rev: str | None, path: str, target: Path) -> dict[str, Any]:
     """Copy ``path`` at ``rev`` into ``target`` with ``dvc.api.DVCFileSystem``; returns the resolved commit."""
-    from dvc.api import DVCFileSystem
-
-    where = f"{path!r} at revision {rev or '(default)'} of DVC repository {repo}"
     try:
-        fs = DVCFileSystem(repo, rev=rev)
-        if not fs.isdir(path):
-            raise DatasetError(f"{where}: not a folder in the repository")
-        fs.get(path.rstrip("/") + "/", str(target) + "/", recursive=True)
-        commit = fs.repo.get_rev()  # the commit ``rev`` resolved to (scm.get_rev() would be the clone's HEAD)
+        with _dvc_errors(repo, rev, path):
+            fs = _dvc_fs(repo, rev)
+            _dvc_download(fs, path, target, repo, rev)
+            return {"commit": fs.repo.get_rev()}
     except DatasetError:
-        raise
-    except Exception as err:  # dvc/scmrepo raise many types (RevError, CloneError, NoRemoteError, ...)
         shutil.rmtree(target, ignore_errors=True)
-        raise DatasetError(f"cannot read {where}: {type(err).__name__}: {err}") from err
-    return {"commit": commit}
+        raise

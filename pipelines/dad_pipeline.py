@@ -25,8 +25,11 @@ Platform settings live here only, on tasks, through ``kfp.kubernetes``:
   the rest of the *restricted* security context is the cluster's to enforce (``k8s/README.md``, "Trust boundary");
 * the GPU steps (teacher fine-tuning, VQGAN training, the cache workers, evaluation, and training when it runs
   in the step's own pod) get ``nvidia.com/gpu``, the GPU tolerations and the GPU node selector;
-* ``prepare_data`` mounts the datasets volume at :data:`DATASETS_MOUNT` (for ``data.source=folder``); the cache
-  workers, the cache collector and training mount the teacher-cache volume at :data:`WORK_MOUNT`, the ``workdir``.
+* ``prepare_data`` and every step that reads images (the GPU steps, training and its job's pods) mount the datasets
+  volume at :data:`DATASETS_MOUNT`: a ``data.source=folder`` tree and the DVC checkouts (one per revision, made by
+  ``prepare_data``) live there and are read in place; the ``Dataset`` artifact carries their manifest and class list.
+  The cache workers, the cache collector and training mount the teacher-cache volume at :data:`WORK_MOUNT`, the
+  ``workdir``.
 
 Two kinds of hand-over. Checkpoints that a step makes only when none is given (teacher, VQGAN) and the student
 (made by one of two training branches) pass through ``dsl.If``/``dsl.Else``: each branch returns the artifact's
@@ -46,6 +49,7 @@ if str(_HERE.parent) not in sys.path:
     sys.path.insert(0, str(_HERE.parent))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -90,8 +94,8 @@ __all__ = [
 
 PIPELINE_NAME = "dad-pipeline"
 GPU = "nvidia.com/gpu"
-WORK_MOUNT = "/mnt/dad-work"  # where the teacher-cache volume is mounted: the shared workdir of the cluster
-DATASETS_MOUNT = "/mnt/datasets"  # where prepare_data sees the datasets volume
+WORK_MOUNT = platform.WORK_MOUNT  # where the teacher-cache volume is mounted: the shared workdir of the cluster
+DATASETS_MOUNT = platform.DATASETS_MOUNT  # where prepare_data sees the datasets volume
 GPU_TOLERATIONS = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]  # the usual taint of GPU nodes
 
 # What --local runs with instead of the cluster defaults (workdir and the MLflow URI are filled in at run time).
@@ -181,6 +185,7 @@ def dad_pipeline(
     model_name: str = "dad-student",
     mlflow_tracking_uri: str = platform.MLFLOW_TRACKING_URI,
     workdir: str = WORK_MOUNT,
+    datasets_dir: str = DATASETS_MOUNT,
     namespace: str = platform.NAMESPACE,
     training_runtime: str = platform.TRAINING_RUNTIME,
     datasets_pvc: str = platform.DATASETS_PVC,
@@ -210,6 +215,8 @@ def dad_pipeline(
         model_name: the registered model.
         mlflow_tracking_uri: the MLflow server (or a ``sqlite:///`` file in local runs).
         workdir: the shared folder of the cache workers and the training nodes.
+        datasets_dir: the datasets volume as the steps see it; a DVC revision is checked out once into its ``dvc/``
+            folder and every step reads the images there.
         namespace: where the training job runs.
         training_runtime: the Kubeflow Trainer runtime of the training job.
         datasets_pvc: the datasets volume.
@@ -236,7 +243,7 @@ def dad_pipeline(
 
     given_params = params
     params = merged("config-overrides")  # what every step gets
-    data = _client_pod(prepare_data(params=params), "data", s3_secret, mlflow_secret)  # opens the MLflow run
+    data = _client_pod(prepare_data(params=params, datasets_dir=datasets_dir), "data", s3_secret, mlflow_secret)
     # Off: the source may change under the same settings (data.dvc_rev a branch, a data.source_dir folder).
     data.set_caching_options(False)
     kubernetes.mount_pvc(data, datasets_pvc, DATASETS_MOUNT)
@@ -245,6 +252,7 @@ def dad_pipeline(
     def gpu_step(component: Any, **inputs: Any) -> dsl.PipelineTask:  # each logs a child run into MLflow
         inputs = {"params": params, **inputs}
         task = _client_pod(component(dataset=dataset, **inputs), "gpu", mlflow_secret=mlflow_secret)
+        kubernetes.mount_pvc(task, datasets_pvc, DATASETS_MOUNT)  # the images of a folder or DVC dataset
         return _on_gpu(task, GPUS_PER_STEP, **gpu)
 
     teacher = _checkpoint(teacher_checkpoint, gpu_step, "teacher", component=finetune_teacher)
@@ -282,20 +290,21 @@ def dad_pipeline(
         "workdir": workdir,
         "run_id": run_id,
         "job": {"image": DAD_IMAGE, "namespace": namespace, "runtime": training_runtime},
-        "mounts": {WORK_MOUNT: cache_pvc},
+        "mounts": {WORK_MOUNT: cache_pvc, DATASETS_MOUNT: datasets_pvc},
         **gpu,
     }
     with dsl.If(backend == "kubernetes", name="train-on-kubeflow-trainer"):
         launcher = _client_pod(train_student(backend=backend, **inputs), "light", s3_secret, mlflow_secret)
         launcher.set_display_name("train-student-launcher")  # the GPUs go to the job's pods, not to this one
         _retried(launcher)  # re-attaches to the job of this run
-        kubernetes.mount_pvc(launcher, cache_pvc, WORK_MOUNT)
+        kubernetes.mount_pvc(launcher, cache_pvc, WORK_MOUNT)  # it stages the dataset's manifest there
     with dsl.Else(name="train-in-step"):
         in_step = _client_pod(train_student(backend=backend, **inputs), "train", s3_secret, mlflow_secret)
         _on_gpu(in_step, gpus_per_node, **gpu)
         in_step.set_display_name("train-student")
         _retried(in_step)  # --resume: continues from the last checkpoint
         kubernetes.mount_pvc(in_step, cache_pvc, WORK_MOUNT)
+        kubernetes.mount_pvc(in_step, datasets_pvc, DATASETS_MOUNT)
     student = dsl.importer(
         artifact_uri=dsl.OneOf(launcher.outputs["Output"], in_step.outputs["Output"]),
         artifact_class=dsl.Model,
@@ -502,8 +511,56 @@ def _create_schema(uri: str) -> None:
     MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
-def run_local(output_dir: Path, arguments: dict[str, Any]) -> int:
-    """Run the whole pipeline here with ``kfp.local``: one line per step, each step's log in a file, a summary."""
+RUNNERS = ("subprocess", "docker")  # --runner: each step a process here, or a container of the project image
+
+
+def _docker_paths(arguments: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """``arguments`` as the containers see them: the workdir at WORK_MOUNT, local checkpoints under it."""
+    arguments = {**arguments, "workdir": WORK_MOUNT, "datasets_dir": DATASETS_MOUNT}
+    for key in ("teacher_checkpoint", "vqgan_checkpoint"):
+        value = arguments.get(key, "")
+        if not value or "://" in value:
+            continue
+        path = Path(value)
+        if not path.is_relative_to(workdir):
+            raise UsageError(
+                f"--runner docker: the steps see only the workdir ({workdir}) and the datasets folder; put {key} "
+                f"under the workdir or give a URI the containers can read (s3://...)"
+            )
+        arguments[key] = f"{WORK_MOUNT}/{path.relative_to(workdir).as_posix()}"
+    return arguments
+
+
+def _docker_tracking_uri(arguments: dict[str, Any]) -> str | None:
+    """The MLflow server the containers use: a given http(s) URI, or None (one is started for the run)."""
+    given = arguments.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if given and not given.startswith(("http://", "https://")):
+        raise UsageError(
+            f"--runner docker: the steps run in containers and need an MLflow server, not {given!r}: give an "
+            "http(s) URI with --param mlflow_tracking_uri=..., or none and one is started for the run"
+        )
+    return given or None
+
+
+def run_local(
+    output_dir: Path,
+    arguments: dict[str, Any],
+    runner: str = "subprocess",
+    image: str = DAD_IMAGE,
+    datasets_dir: Path | None = None,
+) -> int:
+    """Run the whole pipeline here with ``kfp.local``: one line per step, each step's log in a file, a summary.
+
+    Args:
+        output_dir: the run's folder: ``runs/`` (artifacts), ``logs/``, ``work/`` (the shared workdir).
+        arguments: pipeline arguments over :data:`LOCAL_DEFAULTS`.
+        runner: ``subprocess`` (each step a process of this Python) or ``docker`` (each step a container of
+            ``image``, as in the cluster: ``pipelines/local_docker.py``; an ``mlflow server`` with SeaweedFS is
+            started for the run unless ``mlflow_tracking_uri`` names one).
+        image: the project image (``docker``).
+        datasets_dir: the folder of the datasets volume (default ``<output_dir>/datasets``): where DVC revisions
+            are checked out, mounted at :data:`DATASETS_MOUNT` with ``docker``.
+    """
     from kfp import local
 
     from pipelines.local_console import StepConsole, plain
@@ -511,40 +568,67 @@ def run_local(output_dir: Path, arguments: dict[str, Any]) -> int:
     for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1"}.items():
         os.environ.setdefault(key, value)
     output_dir = output_dir.resolve()
-    arguments = {
-        **LOCAL_DEFAULTS,
-        "workdir": str(output_dir / "work"),
-        "mlflow_tracking_uri": local_tracking_uri(list(arguments.get("params", []))),
-        **arguments,
-    }
-    for key in ("workdir", "teacher_checkpoint", "vqgan_checkpoint"):
+    in_docker = runner == "docker"
+    given_uri = _docker_tracking_uri(arguments) if in_docker else None
+    arguments = {**LOCAL_DEFAULTS, "workdir": str(output_dir / "work"), **arguments}
+    arguments.setdefault("datasets_dir", str(datasets_dir or output_dir / "datasets"))
+    for key in ("workdir", "datasets_dir", "teacher_checkpoint", "vqgan_checkpoint"):
         arguments[key] = _absolute(arguments.get(key, ""))
-    Path(arguments["workdir"]).mkdir(parents=True, exist_ok=True)
-    if not Path("params.yaml").is_file():
-        print("note: no params.yaml in this folder: the steps run with the built-in defaults", file=sys.stderr)
+    workdir, datasets = Path(arguments["workdir"]), Path(arguments["datasets_dir"])
+    if not in_docker:
+        arguments.setdefault("mlflow_tracking_uri", local_tracking_uri(list(arguments.get("params", []))))
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not Path("params.yaml").is_file():  # containers read the image's params.yaml instead
+            print("note: no params.yaml in this folder: the steps run with the built-in defaults", file=sys.stderr)
     runs, logs = output_dir / "runs", output_dir / "logs" / time.strftime("%Y%m%d-%H%M%S")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs), raise_on_error=True)
-    print(f"running {PIPELINE_NAME} locally; each step's full log goes to {logs}/<step>.log", flush=True)
-    start, console = time.monotonic(), StepConsole(logs, names=_display_names(dad_pipeline))
-    try:
-        with console:
-            if arguments["mlflow_tracking_uri"].startswith("sqlite:"):
-                _create_schema(arguments["mlflow_tracking_uri"])
-            result = dad_pipeline(**arguments)
-    except RuntimeError as err:
-        print(f"\n{console.summary()}", flush=True)
-        failed = console.failed()
-        where = f"its log: {failed.log}" if failed else f"the full log: {logs / 'pipeline.log'}"
-        raise UsageError(f"the local run failed: {plain(str(err)).splitlines()[0]}; {where}") from None
+    store = ""  # the MLflow store of a server started for the run
+    with contextlib.ExitStack() as stack:
+        if in_docker:
+            from pipelines import local_docker
+
+            arguments = _docker_paths(arguments, workdir)
+            try:
+                step_runner = local_docker.docker_runner(
+                    image, local_docker.shared_folder(workdir), local_docker.shared_folder(datasets)
+                )
+            except local_docker.DockerUnavailableError as err:
+                raise UsageError(f"--runner docker: {err}") from None
+            local_docker.shared_folder(runs)
+            if given_uri is None:
+                services = output_dir / "services"
+                print(f"starting SeaweedFS and an mlflow server for the run (their data: {services})", flush=True)
+                given_uri = stack.enter_context(local_docker.run_services(services))
+                store = f"sqlite:///{services / 'mlflow' / 'mlflow.db'}"
+            arguments["mlflow_tracking_uri"] = given_uri
+            stack.enter_context(local_docker.open_umask())  # the steps (uid 10001) write into folders KFP makes here
+        else:
+            step_runner = local.SubprocessRunner(use_venv=False)
+        local.init(runner=step_runner, pipeline_root=str(runs), raise_on_error=True)
+        where = f"in containers of {image}" if in_docker else "locally"
+        print(f"running {PIPELINE_NAME} {where}; each step's full log goes to {logs}/<step>.log", flush=True)
+        start, console = time.monotonic(), StepConsole(logs, names=_display_names(dad_pipeline))
+        try:
+            with console:
+                if arguments["mlflow_tracking_uri"].startswith("sqlite:"):
+                    _create_schema(arguments["mlflow_tracking_uri"])
+                result = dad_pipeline(**arguments)
+        except RuntimeError as err:
+            print(f"\n{console.summary()}", flush=True)
+            failed = console.failed()
+            where = f"its log: {failed.log}" if failed else f"the full log: {logs / 'pipeline.log'}"
+            raise UsageError(f"the local run failed: {plain(str(err)).splitlines()[0]}; {where}") from None
+        uri = arguments["mlflow_tracking_uri"]
+        hint = _mlflow_ui_hint(uri, list(arguments.get("params", [])))
+        if store:  # the server stops with the run; its store stays (the artifacts stay in its SeaweedFS data)
+            hint = _mlflow_ui_hint(store, list(arguments.get("params", []))) + " (runs, metrics and registry)"
     run_dir = max(runs.iterdir(), key=lambda p: p.stat().st_mtime)
-    uri = arguments["mlflow_tracking_uri"]
     print(f"\n{console.summary()}")
     print(f"\nlocal run finished in {time.monotonic() - start:.0f}s")
     print(f"  outputs:          {run_dir}")
     print(f"  logs:             {logs}")
-    print(f"  shared workdir:   {arguments['workdir']}")
+    print(f"  shared workdir:   {workdir}")
     print(f"  registered model: {result.output}")
-    print(f"  MLflow UI:        {_mlflow_ui_hint(uri, list(arguments.get('params', [])))}")
+    print(f"  MLflow UI:        {hint}")
     return 0
 
 
@@ -587,8 +671,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--image",
         default=None,
-        help="--compile/--submit: the image of every step and of the training job (default: $DAD_IMAGE, else "
-        "ghcr.io/dad-on-kubeflow/dad:<version>)",
+        help="the image of every step and of the training job: compiled into the spec (--compile/--submit), run "
+        "by --runner docker (default: $DAD_IMAGE, else ghcr.io/dad-on-kubeflow/dad:<version>)",
     )
     parser.add_argument("--host", help="--submit: the Kubeflow Pipelines API, e.g. http://localhost:8080")
     parser.add_argument("--experiment", default="dad", help="--submit: experiment name")
@@ -597,9 +681,25 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--service-account", default=platform.SERVICE_ACCOUNT, help="--submit: the run's account")
     parser.add_argument("--timeout", type=float, default=5.0, help="--submit: seconds to wait for the host")
     parser.add_argument("--output-dir", type=Path, default=Path("local_outputs"), help="--local: where outputs go")
+    parser.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        default="subprocess",
+        help="--local: run each step as a process of this Python (default) or in a container of the image, as uid "
+        "10001 with a read-only root file system, like its pod (needs a Docker engine and the image built)",
+    )
+    parser.add_argument(
+        "--datasets-dir",
+        type=Path,
+        default=None,
+        help=f"--local: the folder of the datasets volume, where DVC revisions are checked out (mounted at "
+        f"{DATASETS_MOUNT} with --runner docker; default: <output-dir>/datasets)",
+    )
     args = parser.parse_args(argv)
     if args.submit and not args.host:
         parser.error("--submit needs --host URL")
+    if args.runner != "subprocess" and not args.local:
+        parser.error("--runner is an option of --local")
     return args
 
 
@@ -615,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.submit:
             return submit(args, arguments)
-        return run_local(args.output_dir, arguments)
+        return run_local(args.output_dir, arguments, args.runner, DAD_IMAGE, args.datasets_dir)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

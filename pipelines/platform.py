@@ -12,6 +12,9 @@ NAMESPACE = "dad"
 SERVICE_ACCOUNT = "dad-pipeline-runner"  # runs submitted with it may launch and watch TrainJobs
 DATASETS_PVC = "dad-datasets"
 CACHE_PVC = "dad-teacher-cache"
+# Where the steps mount the two volumes (and where `--local --runner docker` mounts their local folders).
+WORK_MOUNT = "/mnt/dad-work"  # the teacher-cache volume: the shared workdir of the cache workers and training
+DATASETS_MOUNT = "/mnt/datasets"  # the datasets volume
 
 S3_SECRET = "dad-s3-credentials"
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # the Secret's keys, also the env var names

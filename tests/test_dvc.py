@@ -176,6 +176,42 @@ def test_prepare_data_from_a_dvc_tag(dvc_repo, tmp_path):
     assert (out / "classes.txt").read_text() == (dvc_repo / "data" / "digits" / "classes.txt").read_text()
 
 
+def _image_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+
+
+def test_a_dvc_revision_is_checked_out_once_on_the_datasets_volume_and_read_in_place(dvc_repo, tmp_path):
+    """With ``data.dvc_checkouts``: one checkout per commit, reused; the prepared dataset holds no image."""
+    from dad_core.cli import prepare_data
+    from dad_core.data import open_split
+
+    volume = tmp_path / "datasets"
+
+    def prepare(name: str) -> dict:
+        argv = ["--source", "dvc", "--dvc-repo", str(dvc_repo), "--dvc-rev", "v1", "--dvc-path", "data/digits"]
+        argv += ["--output", str(tmp_path / name), "--no-progress", "-p", f"data.dvc_checkouts={volume}"]
+        assert prepare_data.main(argv) == 0
+        return json.loads((tmp_path / f"{name}.report.json").read_text())
+
+    first = prepare("first")
+    checkout = Path(first["source"]["checkout"])
+    assert first["source"]["reused"] is False and checkout.is_relative_to(volume)
+    assert checkout.name == "digits" and checkout.parents[1].name == first["source"]["commit"]
+    images = _image_files(checkout)
+    assert images and not _image_files(tmp_path / "first")  # the images stay on the volume
+    assert json.loads((tmp_path / "first" / "manifest.json").read_text())["root"] == str(checkout)
+    written = {p: p.stat().st_mtime_ns for p in images}
+
+    second = prepare("second")  # the same revision: nothing is downloaded or copied again
+    assert second["source"]["reused"] is True and second["source"]["checkout"] == str(checkout)
+    assert second["dataset_hash"] == first["dataset_hash"]
+    assert {p: p.stat().st_mtime_ns for p in _image_files(checkout)} == written
+    assert not _image_files(tmp_path / "second") and not list(volume.rglob(".*partial*"))
+    split = open_split(tmp_path / "second", "train")  # read where they are
+    assert len(split) == first["counts"]["train"] and split.root == checkout / "train"
+    assert (split.root / split.samples[0][0]).is_file()
+
+
 def _tree(root: Path) -> Path:
     """What a fresh clone of this working tree holds: tracked and untracked, not ignored, files, as one commit."""
     listed = _sh(REPO, "git", "ls-files", "--cached", "--others", "--exclude-standard").splitlines()

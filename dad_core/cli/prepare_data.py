@@ -53,7 +53,14 @@ def _body(argv: list[str] | None) -> int:
         raise ConfigError("data.dvc_repo: --source dvc needs --dvc-repo")
     else:
         report = prepare_dvc(
-            data.dvc_repo, data.dvc_rev, data.source_dir, output, data, classes_file=args.classes, progress=progress
+            data.dvc_repo,
+            data.dvc_rev,
+            data.source_dir,
+            output,
+            data,
+            classes_file=args.classes,
+            progress=progress,
+            checkouts=data.dvc_checkouts,
         )
     report["config"] = config_to_dict(data)
     path = write_report(report, args.report or output.with_name(f"{output.name}.report.json"))

@@ -359,3 +359,34 @@ def test_register_model_sets_the_challenger_with_lineage_tags(tmp_path, monkeypa
         **{k: result[k] for k in ("name", "version", "model_uri", "run_id")},
         "aliases": ["challenger"],
     }
+
+
+def test_train_student_kubernetes_stages_the_manifest_not_the_images(tmp_path, monkeypatch):
+    """A folder or DVC dataset stays on the datasets volume: the stage gets its manifest and class list only."""
+    calls = _fake_launcher(monkeypatch)
+    inputs = _train_inputs(tmp_path, "kubernetes")
+    volume = tmp_path / "datasets" / "dvc" / "repo-1" / "abc" / "digits"
+    for rel in ("train/0/a.png", "train/1/b.png"):
+        (volume / rel).parent.mkdir(parents=True, exist_ok=True)
+        (volume / rel).write_bytes(b"\x89PNG")
+    files = {"train/0/a.png": "0" * 64, "train/1/b.png": "1" * 64}
+    _write_json(Path(inputs["dataset"].path) / "manifest.json", {"root": str(volume), "files": files})
+    inputs["mounts"] = {"/mnt/dad-work": "dad-teacher-cache", "/mnt/datasets": "dad-datasets"}
+
+    train_student.python_func(**inputs)
+
+    (call,) = calls
+    stage = Path(_value(list(call["train_args"]), "--data-root"))
+    assert sorted(p.name for p in stage.rglob("*") if p.is_file()) == ["classes.txt", "manifest.json"]
+    assert json.loads((stage / "manifest.json").read_text())["root"] == str(volume)  # read in place by the pods
+    assert dict(call["job"].pvc_mounts) == {"dad-teacher-cache": "/mnt/dad-work", "dad-datasets": "/mnt/datasets"}
+
+
+def test_prepare_data_checks_dvc_revisions_out_onto_the_datasets_volume(tmp_path, monkeypatch):
+    report = {"dataset_hash": "abc", "source": "dvc", "num_classes": 2, "counts": {"train": 2}}
+    calls = _fake_cli(monkeypatch, "prepare_data", lambda argv: _write_json(_value(argv, "--report"), report))
+
+    prepare_data.python_func(params=["data.source=dvc"], dataset=Dataset(uri=str(tmp_path / "d")), datasets_dir="/v/")
+
+    (argv,) = calls
+    assert _overrides(argv) == ["data.dvc_checkouts=/v/dvc", "data.source=dvc"]  # params come later: they win

@@ -189,12 +189,20 @@ def test_platform_settings_use_the_names_k8s_creates(spec, platform):
     for step in ("prepare-data", "train-student", "train-student-launcher", "register-model"):
         (secret,) = [s for s in settings(step)["secretAsEnv"] if _parameter(s["secretNameParameter"]) == "s3_secret"]
         assert [k["secretKey"] for k in secret["keyToEnv"]] == list(platform.S3_SECRET_KEYS)
-    (mount,) = settings("prepare-data")["pvcMount"]
-    assert _parameter(mount["pvcNameParameter"]) == "datasets_pvc"
-    for step in ("cache-teacher", "collect-teacher-cache", "train-student", "train-student-launcher"):
-        (mount,) = settings(step)["pvcMount"]
-        assert _parameter(mount["pvcNameParameter"]) == "cache_pvc"
-        assert mount["mountPath"] == "/mnt/dad-work" == defaults["workdir"]
+
+    def mounts(step: str) -> dict[str, str]:
+        return {_parameter(m["pvcNameParameter"]): m["mountPath"] for m in settings(step)["pvcMount"]}
+
+    # The datasets volume wherever images are read (a folder or DVC dataset is read in place), the cache volume
+    # wherever the teacher cache is written or read.
+    datasets = {"datasets_pvc": "/mnt/datasets"}
+    assert defaults["datasets_dir"] == "/mnt/datasets" and defaults["workdir"] == "/mnt/dad-work"
+    for step in ("prepare-data", "finetune-teacher", "train-vqgan", "evaluate-ood"):
+        assert mounts(step) == datasets
+    for step in ("cache-teacher", "train-student"):
+        assert mounts(step) == {**datasets, "cache_pvc": "/mnt/dad-work"}
+    for step in ("collect-teacher-cache", "train-student-launcher"):  # the job's pods mount both (launch.py)
+        assert mounts(step) == {"cache_pvc": "/mnt/dad-work"}
     for step in ("train-student", "finetune-teacher", "train-vqgan", "cache-teacher", "evaluate-ood"):
         (toleration,) = settings(step)["tolerations"]
         assert _parameter(toleration["tolerationJson"]) == "gpu_tolerations"
@@ -267,7 +275,8 @@ def test_the_training_job_gets_the_cluster_names(spec, platform):
         "runtime": "{{$.inputs.parameters['pipelinechannel--training_runtime']}}",
     }
     assert launcher["mounts"]["runtimeValue"]["constant"] == {
-        "/mnt/dad-work": "{{$.inputs.parameters['pipelinechannel--cache_pvc']}}"
+        "/mnt/datasets": "{{$.inputs.parameters['pipelinechannel--datasets_pvc']}}",
+        "/mnt/dad-work": "{{$.inputs.parameters['pipelinechannel--cache_pvc']}}",
     }
 
 
