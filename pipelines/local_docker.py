@@ -105,9 +105,8 @@ def docker_runner(image: str, workdir: Path, datasets: Path, env: dict[str, str]
     Raises:
         DockerUnavailableError: no engine answers, or ``image`` is not in it.
     """
-    from kfp import local
-
     import docker
+    from kfp import local
 
     client = _client()
     try:
