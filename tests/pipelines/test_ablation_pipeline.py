@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from quick_settings import FAST
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "pipelines" / "ablation_pipeline.py"
@@ -156,17 +157,8 @@ def test_compare_ablation_writes_the_views_without_tracking(tmp_path):
     assert outputs["metrics"].metadata == {"kd-minus-ce/digits-c_top1": 3.0}
 
 
-# The main pipeline's quick local setting (tests/pipelines/test_pipeline.py: FAST), one seed, three modes.
-TINY = (
-    "seeds=0",
-    "modes=ce,kd,dad",
-    "finetune.epochs=1",
-    "vqgan.train.epochs=1",
-    "train.epochs=1",
-    "data.val_fraction=0.75",
-    "data.suite_per_class=5",
-    "cache.views=1",
-)
+# The main pipeline's quick local setting (tests/quick_settings.py), one seed, three modes.
+TINY = ("seeds=0", "modes=ce,kd,dad", *FAST)
 
 
 @pytest.mark.integration

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from quick_settings import FAST
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "pipelines" / "dad_pipeline.py"
@@ -452,17 +453,6 @@ def test_submit_to_a_closed_port_fails_fast():
     assert result.returncode == 2
     assert result.stderr.startswith("error: cannot reach Kubeflow Pipelines at http://127.0.0.1:")
     assert len(result.stderr.strip().splitlines()) == 1
-
-
-# Small enough for a few minutes on two cores: one epoch each, a quarter of the digits to train on, small suites.
-FAST = (
-    "finetune.epochs=1",
-    "vqgan.train.epochs=1",
-    "train.epochs=1",
-    "data.val_fraction=0.75",
-    "data.suite_per_class=5",
-    "cache.views=1",
-)
 
 
 @pytest.mark.integration
