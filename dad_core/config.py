@@ -68,6 +68,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 #   bf16          encoder and decoder in bf16, code distances still fp32: near-tie codes flip (2.8% there); 52%
 #                 faster generation when compiled (docs/benchmarks.md has the measurements)
 VQGAN_PRECISIONS = ("fp32", "bf16-decoder", "bf16")
+RANDAUGMENT_BACKENDS = ("pil", "tensor")  # train.randaugment_backend (dad_core.randaugment has the differences)
 
 
 def _one_of(value: Any, key: str, choices: tuple) -> None:
@@ -280,6 +281,9 @@ class TrainConfig:
     cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 = off
     label_smoothing: float = 0.1
     randaugment: str = ""  # timm auto-augment string, e.g. rand-m9-mstd0.5-inc1 ("" = off)
+    # pil: timm's PIL ops, per image on the CPU | tensor: the same policy on tensors (dad_core.randaugment), which
+    # train.replay_on_device replays batched on the training device; the two draw other ops for one seed
+    randaugment_backend: str = "pil"
     reprob: float = 0.0  # random erasing probability
     drop_path: float = 0.0
     ema_decay: float = 0.0  # 0 disables EMA
@@ -291,14 +295,23 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0 = each epoch end only)
     seed: int = 0
     num_workers: int = 0
-    # Replay the cached views (crop, resize, flip) batched on the training device instead of in the loader workers;
-    # the loader then only copies uint8 images. Not with randaugment (timm's PIL ops stay on the CPU).
+    # Replay the cached views (crop, resize, flip, RandAugment) batched on the training device instead of in the loader
+    # workers; the loader then only copies uint8 images. With RandAugment only for randaugment_backend: tensor (timm's
+    # PIL ops stay on the CPU).
     replay_on_device: bool = False
     output_dir: str = "runs/train"
 
     def __post_init__(self) -> None:
         _one_of(self.teacher_mode, "teacher_mode", ("cached", "online"))
         _one_of(self.amp, "amp", ("auto", "bf16", "off"))
+        _one_of(self.randaugment_backend, "randaugment_backend", RANDAUGMENT_BACKENDS)
+        if self.randaugment and self.randaugment_backend == "tensor":
+            from dad_core.randaugment import parse_randaugment  # torch only when this backend is chosen
+
+            try:
+                parse_randaugment(self.randaugment)
+            except ValueError as err:
+                raise ConfigError(f"randaugment: {err}") from None
         _check(self.epochs >= 1, "epochs", "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.lr > 0, "lr", "must be > 0")

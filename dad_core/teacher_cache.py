@@ -44,7 +44,7 @@ from dad_core.io import atomic_path, atomic_write_json, save_torch, sha256_file
 from dad_core.losses import soften
 from dad_core.progress import progress_bar
 from dad_core.serialization import WeightsFileError, load_torch_file
-from dad_core.views import apply_view, sample_views
+from dad_core.views import apply_view, apply_views, sample_views
 
 __all__ = [
     "DIAGNOSTIC_IMAGES",
@@ -112,6 +112,8 @@ def cache_dependencies(
             "crop_scale": list(cfg.train.crop_scale),
             "hflip": cfg.train.hflip,
             "randaugment": cfg.train.randaugment,
+            # which implementation drew the views' RandAugment (the backends pick other ops for one seed)
+            "randaugment_backend": cfg.train.randaugment_backend if cfg.train.randaugment else None,
             "temperature": cfg.loss.temperature,
         },
         "shard_size": cfg.cache.shard_size,
@@ -247,17 +249,22 @@ def aggregate_diagnostics(per_shard: list[dict[str, float | None] | None]) -> di
 def _view_probs(
     teacher: nn.Module, images: Tensor, views: Tensor, cfg: DADConfig, device: torch.device, autocast: bool
 ) -> Tensor:
-    """Teacher probabilities on every stored view, ``[N * R, K]``, built batch by batch on the device."""
+    """Teacher probabilities on every stored view, ``[N * R, K]``, built batch by batch on the device.
+
+    The views are made as training replays them: batched by :func:`apply_views` (on a CPU bit-identical to
+    :func:`apply_view`), or one by one for timm's PIL RandAugment.
+    """
     pairs = [(i, r) for i in range(views.shape[0]) for r in range(views.shape[1])]
     images = images.to(device)
+    t, size = cfg.train, cfg.data.image_size
     chunks = []
     for start in range(0, len(pairs), cfg.cache.batch_size):
-        batch = torch.stack(
-            [
-                apply_view(images[i], views[i, r], cfg.data.image_size, randaugment=cfg.train.randaugment)
-                for i, r in pairs[start : start + cfg.cache.batch_size]
-            ]
-        )
+        chunk = pairs[start : start + cfg.cache.batch_size]
+        if t.randaugment and t.randaugment_backend == "pil":
+            batch = torch.stack([apply_view(images[i], views[i, r], size, randaugment=t.randaugment) for i, r in chunk])
+        else:
+            rows, cols = torch.tensor([i for i, _ in chunk]), torch.tensor([r for _, r in chunk])
+            batch = apply_views([images[rows.to(device)]], views[rows, cols], size, randaugment=t.randaugment)[0]
         chunks.append(_teacher_probs(teacher, batch, cfg.loss.temperature, autocast).float().cpu())
     return torch.cat(chunks)
 
@@ -561,9 +568,14 @@ _CONFIG_KEYS = {
     ("views", "crop_scale"): "train.crop_scale",
     ("views", "hflip"): "train.hflip",
     ("views", "randaugment"): "train.randaugment",
+    ("views", "randaugment_backend"): "train.randaugment_backend",
     ("views", "temperature"): "loss.temperature",
     ("transform", "image_size"): "data.image_size",
 }
+
+
+# Dependency fields added after caches were first written, with the value every cache written before then had.
+_ADDED_LATER = {"views": {"randaugment_backend": "pil"}}
 
 
 def _config_key(section: str, field: str) -> str | None:
@@ -673,6 +685,7 @@ def load_teacher_cache(
     for key, want in (expected or {}).items():
         have = manifest.get(key)
         if isinstance(want, dict) and isinstance(have, dict):
+            have = {**_ADDED_LATER.get(key, {}), **have}
             diff = [k for k, v in want.items() if v is not None and have.get(k) != v]
         else:
             diff = [] if have == want else [key]

@@ -300,7 +300,12 @@ def _training_data(
 ) -> tuple[CleanViews | DADPairs, dict[str, Any] | None]:
     """The training dataset and the manifest of the teacher cache it reads (None for plain CE, which reads none)."""
     t = cfg.train
-    views = {"crop_scale": t.crop_scale, "hflip": t.hflip, "randaugment": t.randaugment}
+    views = {
+        "crop_scale": t.crop_scale,
+        "hflip": t.hflip,
+        "randaugment": t.randaugment,
+        "randaugment_backend": t.randaugment_backend,
+    }
     if not cfg.loss.uses_teacher:
         if cache_dir is not None:
             _logger.info("plain CE (loss KL weights 0): the teacher cache %s is not used", cache_dir)
@@ -419,7 +424,9 @@ def _loop(
         dataset.set_epoch(st.epoch)
         for batch in loader:
             # train.replay_on_device: the loader sent uint8 images and their views; make the views here, batched
-            batch = _to_device(replay_views(_to_device(batch, dev, False), cfg.data.image_size), dev, channels_last)
+            batch = _to_device(batch, dev, False)
+            batch = replay_views(batch, cfg.data.image_size, randaugment=t.randaugment)
+            batch = _to_device(batch, dev, channels_last)
             sync = (st.batch_in_epoch + 1) % accum == 0
             no_sync = run.model.no_sync if hasattr(run.model, "no_sync") and not sync else contextlib.nullcontext
             with no_sync(), _autocast(cfg, dev):

@@ -38,8 +38,9 @@ class DADPairs(Dataset):
 
     ``replay_on_device=True`` (``train.replay_on_device``) leaves the pixels to the training step: items hold the
     stored uint8 ``clean``/``dad`` images and the ``[6]`` ``view`` to replay (the same view the CPU path would
-    apply), and :func:`replay_views` turns a batch of them into views on the device. It is ignored, with a
-    warning, when ``randaugment`` is set: timm's RandAugment runs on PIL images and has no identical device form.
+    apply), and :func:`replay_views` turns a batch of them into views on the device. With ``randaugment`` it needs
+    ``randaugment_backend="tensor"``; with the ``pil`` backend it is ignored, with a warning: timm's RandAugment runs
+    on PIL images and has no identical device form.
     """
 
     def __init__(
@@ -53,15 +54,19 @@ class DADPairs(Dataset):
         crop_scale: tuple[float, float],
         hflip: float,
         randaugment: str = "",
+        randaugment_backend: str = "pil",
         replay_on_device: bool = False,
     ) -> None:
         self.cache, self.image_size, self.seed = cache, image_size, seed
         self.replay, self.with_teacher = replay and cache.views > 0, with_teacher
         self.crop_scale, self.hflip, self.randaugment = crop_scale, hflip, randaugment
-        self.on_device = replay_on_device and not randaugment
-        if replay_on_device and randaugment:
+        self.backend = randaugment_backend
+        self.on_device = replay_on_device and (not randaugment or randaugment_backend == "tensor")
+        if replay_on_device and not self.on_device:
             _logger.warning(
-                "replay_on_device: RandAugment (%s) has no device form; views replay on the CPU", randaugment
+                "replay_on_device: timm's PIL RandAugment (%s) has no device form; views replay on the CPU "
+                "(train.randaugment_backend=tensor replays it on the device)",
+                randaugment,
             )
         self.epoch = 0
 
@@ -93,19 +98,23 @@ class DADPairs(Dataset):
                     image[None].float() / 255.0, size=(self.image_size,) * 2, mode="bilinear", antialias=True
                 )[0]
             else:
-                item[name] = apply_view(image, view, self.image_size, randaugment=self.randaugment)
+                item[name] = apply_view(
+                    image, view, self.image_size, randaugment=self.randaugment, backend=self.backend
+                )
             if self.with_teacher:
                 item[f"t_{name}"] = self.cache.probs(shard, offset, name, view=r)
         return item
 
 
-def replay_views(batch: dict[str, Tensor], image_size: int) -> dict[str, Tensor]:
+def replay_views(batch: dict[str, Tensor], image_size: int, *, randaugment: str = "") -> dict[str, Tensor]:
     """Turn a ``replay_on_device`` batch into the batch the CPU replay yields, on the batch's device.
 
     Args:
         batch: a collated :class:`DADPairs` batch with uint8 ``[B, 3, H, W]`` ``clean``/``dad`` and ``[B, 6]``
             ``view``; a batch without ``view`` is returned as it is.
         image_size: the side of the views.
+        randaugment: the run's ``train.randaugment``; only read for a batch with ``view``, which
+            :class:`DADPairs` yields with RandAugment only for the ``tensor`` backend.
 
     Returns:
         The batch with float ``[B, 3, image_size, image_size]`` views in [0, 1] and no ``view`` key.
@@ -114,7 +123,8 @@ def replay_views(batch: dict[str, Tensor], image_size: int) -> dict[str, Tensor]
         return batch
     out = {key: value for key, value in batch.items() if key != "view"}
     names = [name for name in ("clean", "dad") if name in batch]
-    out.update(zip(names, apply_views([batch[name] for name in names], batch["view"], image_size), strict=True))
+    views = apply_views([batch[name] for name in names], batch["view"], image_size, randaugment=randaugment)
+    out.update(zip(names, views, strict=True))
     return out
 
 
@@ -136,9 +146,11 @@ class CleanViews(Dataset):
         crop_scale: tuple[float, float],
         hflip: float,
         randaugment: str = "",
+        randaugment_backend: str = "pil",
     ) -> None:
         self.images, self.image_size, self.seed = images, image_size, seed
         self.crop_scale, self.hflip, self.randaugment = crop_scale, hflip, randaugment
+        self.backend = randaugment_backend
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -152,7 +164,7 @@ class CleanViews(Dataset):
         clean = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)  # as the teacher cache stores it
         view = _fresh_view(clean, np.random.default_rng([self.seed, self.epoch, index]), self.crop_scale, self.hflip)
         return {
-            "clean": apply_view(clean, view, self.image_size, randaugment=self.randaugment),
+            "clean": apply_view(clean, view, self.image_size, randaugment=self.randaugment, backend=self.backend),
             "label": torch.tensor(label, dtype=torch.long),
         }
 

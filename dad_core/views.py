@@ -12,6 +12,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -69,8 +70,13 @@ def sample_views(
     return table
 
 
-def apply_view(image: Tensor, view: Tensor | ViewSpec, size: int, *, randaugment: str = "") -> Tensor:
+def apply_view(
+    image: Tensor, view: Tensor | ViewSpec, size: int, *, randaugment: str = "", backend: str = "pil"
+) -> Tensor:
     """Crop, resize to ``size``, flip, then the seeded photometric op. ``image``: uint8 or float ``[3, H, W]``.
+
+    ``backend`` (``train.randaugment_backend``) picks the RandAugment implementation: ``pil`` (timm's PIL ops, CPU)
+    or ``tensor`` (:func:`dad_core.randaugment.rand_augment`, the one :func:`apply_views` replays on a device).
 
     Returns:
         float32 ``[3, size, size]`` in [0, 1].
@@ -85,26 +91,32 @@ def apply_view(image: Tensor, view: Tensor | ViewSpec, size: int, *, randaugment
         x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
     if flip:
         x = x.flip(-1)
-    if randaugment:
+    if randaugment and backend == "tensor":
+        from dad_core.randaugment import rand_augment
+
+        x = rand_augment(x[None], [seed], randaugment)[0]
+    elif randaugment:
         x = _photometric(x, seed, randaugment)
     return x.clamp(0, 1)
 
 
-def apply_views(images: Sequence[Tensor], views: Tensor, size: int) -> list[Tensor]:
-    """:func:`apply_view` without RandAugment for a batch, on the images' device (``train.replay_on_device``).
+def apply_views(images: Sequence[Tensor], views: Tensor, size: int, *, randaugment: str = "") -> list[Tensor]:
+    """:func:`apply_view` for a batch, on the images' device (``train.replay_on_device``), with the ``tensor``
+    RandAugment backend.
 
     Each sample is cropped, resized with the same antialiased bilinear interpolation and flipped as
     :func:`apply_view` does, so on a CPU the result is bit-identical and on a GPU it differs only by the
     interpolation kernel's rounding. The crop boxes differ in size, so crop, resize and flip run per sample (one
-    call for that sample in every tensor of ``images``, e.g. its clean image and its DAD sample); the clamp is one
-    batched op.
-    RandAugment is timm's PIL code and has no identical tensor version, so a run with ``train.randaugment``
+    call for that sample in every tensor of ``images``, e.g. its clean image and its DAD sample); RandAugment
+    (:func:`dad_core.randaugment.rand_augment`, each view drawn from its seed) and the clamp are batched.
+    timm's PIL RandAugment has no identical tensor version, so a run with ``train.randaugment_backend: pil``
     replays on the CPU (:class:`~dad_core.train_data.DADPairs`).
 
     Args:
         images: tensors of uint8 or float ``[B, C, H, W]`` images on one device, all viewed through ``views``.
-        views: ``[B, 6]`` int rows ``(top, left, height, width, flip, seed)``; the seed is unused here.
+        views: ``[B, 6]`` int rows ``(top, left, height, width, flip, seed)``; the seed draws the RandAugment ops.
         size: output side.
+        randaugment: timm ``rand-...`` string for the tensor backend; "" for none.
 
     Returns:
         For each tensor of ``images``, float32 ``[B, C, size, size]`` in [0, 1].
@@ -119,7 +131,35 @@ def apply_views(images: Sequence[Tensor], views: Tensor, size: int) -> list[Tens
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         # flipping only the flipped samples: a batched where(flip, x.flip(-1), x) costs twice the resize on a CPU
         out[:, b] = x.flip(-1) if flip else x
+    if randaugment:  # every tensor of `images` gets its sample's ops (a clean image and its DAD sample alike)
+        from dad_core.randaugment import rand_augment
+
+        seeds = [row[5] for row in boxes] * out.shape[0]
+        out = rand_augment(out.flatten(0, 1), seeds, randaugment).view_as(out)
     return list(out.clamp_(0, 1).unbind(0))
+
+
+@lru_cache(maxsize=16)
+def _pil_rand_augment(randaugment: str, translate_const: int):
+    """timm's RandAugment transform, with its posterize accepting 0 bits.
+
+    Pillow 13 refuses ``ImageOps.posterize(image, 0)``, which timm's ``PosterizeIncreasing`` asks for at magnitude
+    10: with ``rand-m9-mstd0.5`` about one image in 500 would stop the run. Keeping 0 bits gives a black image, as
+    older Pillows did (and as the tensor backend does).
+    """
+    from PIL import Image
+    from timm.data.auto_augment import posterize, rand_augment_transform
+
+    def posterize_any_bits(image, bits_to_keep, **kwargs):
+        if bits_to_keep <= 0:
+            return Image.new(image.mode, image.size)
+        return posterize(image, bits_to_keep, **kwargs)
+
+    transform = rand_augment_transform(randaugment, {"translate_const": translate_const})
+    for op in getattr(transform, "ops", []):
+        if op.aug_fn is posterize:
+            op.aug_fn = posterize_any_bits
+    return transform
 
 
 def _photometric(x: Tensor, seed: int, randaugment: str) -> Tensor:
@@ -129,9 +169,8 @@ def _photometric(x: Tensor, seed: int, randaugment: str) -> Tensor:
     seeded here and restored afterwards, so the caller's random streams are left as they were.
     """
     from PIL import Image
-    from timm.data.auto_augment import rand_augment_transform
 
-    transform = rand_augment_transform(randaugment, {"translate_const": int(x.shape[-1] * 0.45)})
+    transform = _pil_rand_augment(randaugment, int(x.shape[-1] * 0.45))
     device, x = x.device, x.cpu()
     pil = Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
     state, np_state = random.getstate(), np.random.get_state()

@@ -515,13 +515,82 @@ def test_device_replay_gives_the_cpu_replays_views_and_pixels(numbered_cache, on
         torch.testing.assert_close(device_batch[key], value, atol=1e-6, rtol=0)
 
 
-def test_device_replay_falls_back_to_the_cpu_with_randaugment(numbered_cache):
+def test_device_replay_falls_back_to_the_cpu_with_pil_randaugment(numbered_cache):
     from dad_core.train_data import DADPairs
 
     cache = load_teacher_cache(numbered_cache[0], num_classes=NUMBERED_CLASSES)
     kwargs = dict(image_size=16, seed=0, replay=True, with_teacher=True, crop_scale=(0.35, 1.0), hflip=0.5)
     pairs = DADPairs(cache, replay_on_device=True, randaugment="rand-m9-mstd0.5-inc1", **kwargs)
     assert not pairs.on_device and "view" not in pairs[0] and pairs[0]["clean"].dtype == torch.float32
+    tensor = DADPairs(
+        cache, replay_on_device=True, randaugment="rand-m9-mstd0.5-inc1", randaugment_backend="tensor", **kwargs
+    )
+    assert tensor.on_device and "view" in tensor[0] and tensor[0]["clean"].dtype == torch.uint8
+
+
+RAND_TENSOR = ("train.randaugment=rand-m9-mstd0.5-inc1", "train.randaugment_backend=tensor")
+
+
+@torch.no_grad()
+def test_tensor_randaugment_views_are_scored_as_the_device_replays_them(numbered_root, tmp_path):
+    """The cache scores each stored view with the tensor backend's RandAugment on it; training replays exactly those
+    pixels, on the device (replay_views) as in the loader (DADPairs)."""
+    from torch.utils.data import default_collate
+
+    from dad_core.train_data import DADPairs, replay_views
+
+    cfg = _numbered_cfg(*RAND_TENSOR)
+    _cache_numbered(numbered_root, tmp_path / "cache", *RAND_TENSOR)
+    cache = load_teacher_cache(tmp_path / "cache", num_classes=NUMBERED_CLASSES)
+    assert cache.manifest["views"]["randaugment_backend"] == "tensor"
+    shard, teacher, size = cache.shard(1), _teacher(NUMBERED_CLASSES), cfg.data.image_size
+    for r in range(cache.views):
+        views = torch.stack(
+            [
+                apply_view(
+                    shard["dad"][j], shard["views"][j, r], size, randaugment=cfg.train.randaugment, backend="tensor"
+                )
+                for j in range(len(shard["labels"]))
+            ]
+        )
+        top = soften(teacher(views), cfg.loss.temperature).topk(cfg.cache.topk, dim=-1)  # top-5 of 12 classes
+        torch.testing.assert_close(shard["view_dad_topv"][:, r].float(), top.values, atol=1e-3, rtol=0)
+        assert torch.equal(shard["view_dad_topi"][:, r].long(), top.indices)
+    plain = apply_view(shard["dad"][0], shard["views"][0, 0], size)
+    assert not torch.equal(views[0], plain)  # RandAugment did change the scored pixels
+
+    kwargs = dict(image_size=size, seed=1, replay=True, with_teacher=True, crop_scale=cfg.train.crop_scale, hflip=0.0)
+    kwargs.update(randaugment=cfg.train.randaugment, randaugment_backend="tensor")
+    on_cpu, on_device = DADPairs(cache, **kwargs), DADPairs(cache, replay_on_device=True, **kwargs)
+    indices = [0, 7, 30, 99, 140]
+    device_batch = replay_views(
+        default_collate([on_device[i] for i in indices]), size, randaugment=cfg.train.randaugment
+    )
+    cpu_batch = default_collate([on_cpu[i] for i in indices])
+    assert device_batch.keys() == cpu_batch.keys()
+    for key, value in cpu_batch.items():
+        torch.testing.assert_close(device_batch[key], value, atol=1e-6, rtol=0)
+
+
+def test_a_cache_is_read_with_the_randaugment_backend_it_was_made_with(numbered_cache, tmp_path):
+    import json
+
+    out = tmp_path / "cache"
+    shutil.copytree(numbered_cache[0], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    views = {**manifest["views"], "randaugment": "rand-m9-mstd0.5-inc1", "randaugment_backend": "pil"}
+    (out / "manifest.json").write_text(json.dumps({**manifest, "views": views}))
+    want_tensor = {"views": {**views, "randaugment_backend": "tensor"}}
+
+    with pytest.raises(CacheMismatchError, match="train.randaugment_backend: 'pil' in the cache, 'tensor' in the"):
+        load_teacher_cache(out, num_classes=NUMBERED_CLASSES, expected=want_tensor)
+    load_teacher_cache(out, num_classes=NUMBERED_CLASSES, expected={"views": views})
+    # a cache written before the backend was recorded was made with timm's PIL ops
+    older = {key: value for key, value in views.items() if key != "randaugment_backend"}
+    (out / "manifest.json").write_text(json.dumps({**manifest, "views": older}))
+    load_teacher_cache(out, num_classes=NUMBERED_CLASSES, expected={"views": views})
+    with pytest.raises(CacheMismatchError, match="randaugment_backend"):
+        load_teacher_cache(out, num_classes=NUMBERED_CLASSES, expected=want_tensor)
 
 
 def test_full_verification_hashes_every_shard_up_front_once(numbered_cache, monkeypatch):

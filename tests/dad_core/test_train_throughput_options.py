@@ -1,6 +1,6 @@
 """Issue 15's training options end to end on the digits: ``train.replay_on_device`` trains to the same weights as
-the CPU replay, and under ``cache.verify: lazy`` a corrupt shard stops ``fit`` naming the file (start-up reads no
-shard; the per-shard checks are in test_teacher_cache.py)."""
+the CPU replay (also with the tensor RandAugment backend), and under ``cache.verify: lazy`` a corrupt shard stops
+``fit`` naming the file (start-up reads no shard; the per-shard checks are in test_teacher_cache.py)."""
 
 from __future__ import annotations
 
@@ -45,10 +45,29 @@ def cache_dir(digits_root, tmp_path_factory):
     return out
 
 
-def test_replay_on_device_trains_to_the_weights_of_the_cpu_replay(digits_root, cache_dir, tmp_path):
+RAND_TENSOR = ("train.randaugment=rand-m9-mstd0.5-inc1", "train.randaugment_backend=tensor")
+
+
+@pytest.fixture(scope="module")
+def randaugment_cache_dir(digits_root, tmp_path_factory):
+    """The same cache, its views scored with the tensor RandAugment backend."""
+    from conftest import PoolDiscretizer, TinyTeacher
+
+    from dad_core.teacher import freeze
+
+    out = tmp_path_factory.mktemp("cache-randaugment")
+    torch.manual_seed(0)
+    cache_teacher(_cfg(*RAND_TENSOR), digits_root, out, freeze(TinyTeacher(10)), PoolDiscretizer(), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("randaugment", [False, True])
+def test_replay_on_device_trains_to_the_weights_of_the_cpu_replay(digits_root, randaugment, request, tmp_path):
+    cache_dir = request.getfixturevalue("randaugment_cache_dir" if randaugment else "cache_dir")
+    extra = RAND_TENSOR if randaugment else ()
     reports, weights = {}, {}
     for on_device in (False, True):
-        cfg = _cfg(f"train.replay_on_device={str(on_device).lower()}")
+        cfg = _cfg(f"train.replay_on_device={str(on_device).lower()}", *extra)
         run = tmp_path / str(on_device)
         reports[on_device] = fit(cfg, digits_root, cache_dir, run, progress=False, tracker=NullTracker())
         weights[on_device] = load_checkpoint(run / "model")[0]["model"]

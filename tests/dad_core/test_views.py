@@ -136,3 +136,10 @@ def test_batched_views_equal_the_per_image_replay():
     for i in range(8):  # the same ops as apply_view: bit-identical on a CPU
         assert torch.equal(out_clean[i], apply_view(clean[i], views[i], 20))
         assert torch.equal(out_dad[i], apply_view(dad[i], views[i], 20))
+
+
+def test_pil_randaugment_survives_posterize_to_zero_bits():
+    """timm asks Pillow for 0-bit posterize at magnitude 10 (m9 with mstd 0.5 gets there), which Pillow 13 refuses."""
+    image = torch.full((3, 16, 16), 0.6)
+    outs = [apply_view(image, ViewSpec(0, 0, 16, 16, False, seed), 16, randaugment=RAND) for seed in range(1500)]
+    assert any(float(out.max()) == 0 for out in outs)  # the 0-bit case came up, and gave black

@@ -1,0 +1,284 @@
+"""RandAugment on tensors, batched on any device, replayable from a per-sample seed (``train.randaugment_backend``).
+
+timm's RandAugment (the ``pil`` backend, :func:`dad_core.views.apply_view`) runs PIL operations one image at a time
+on the CPU, so a cached run with RandAugment needs 12-20 loader workers per GPU at ImageNet rates. This module is the
+``tensor`` backend: the same policy on ``[B, 3, H, W]`` float batches, so that ``train.replay_on_device`` can replay
+a view's RandAugment in the training step.
+
+What is the same as timm's ``rand-...`` config strings: the op list (``inc1`` selects the increasing variants), the
+number of layers ``n``, the per-layer probability ``p``, the magnitude ``m`` with its Gaussian noise ``mstd`` clipped
+to ``[0, mmax]`` (10 by default), every op's level-to-argument mapping and its random sign, the fill gray of 128 and
+uint8 rounding after every op. What differs:
+
+* the draws come from ``numpy.random.default_rng(seed)`` per sample, so for one seed the two backends pick other
+  ops: a cache made with one backend is never read with the other (the backend is in the cache's dependencies);
+* the geometric ops (rotate, shear, translate) sample bilinearly; timm picks bilinear or bicubic at random;
+* the ops themselves follow PIL's formulas (``ImageOps``, ``ImageEnhance``, PIL's bilinear affine with its edge
+  rule): the photometric ops give PIL's pixels, the geometric ones are within one gray level of PIL's bilinear
+  (``tests/dad_core/test_randaugment.py`` compares every op with timm's PIL op).
+
+The result depends on the seed and the pixels only, not on the batch it is in or the device (up to the device's
+floating-point rounding), which is what replay needs: the cache writer and the training step call the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["RandAugmentSpec", "draw_ops", "parse_randaugment", "rand_augment"]
+
+_LEVEL_DENOM = 10.0
+_FILL = 128.0  # timm's fill colour (its default img_mean) for the area a geometric op uncovers
+_OPS = (  # timm's _RAND_TRANSFORMS
+    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast",
+    "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+)  # fmt: skip
+_INCREASING = {  # inc1 swaps these for their increasing-severity variants (timm's _RAND_INCREASING_TRANSFORMS)
+    "Posterize": "PosterizeIncreasing",
+    "Solarize": "SolarizeIncreasing",
+    "Color": "ColorIncreasing",
+    "Contrast": "ContrastIncreasing",
+    "Brightness": "BrightnessIncreasing",
+    "Sharpness": "SharpnessIncreasing",
+}
+
+
+@dataclass(frozen=True)
+class RandAugmentSpec:
+    """A parsed timm ``rand-...`` string: ``rand-m9-mstd0.5-inc1`` is magnitude 9, noise 0.5, increasing ops."""
+
+    magnitude: float = 10.0
+    num_layers: int = 2
+    prob: float = 0.5
+    magnitude_std: float = 0.0
+    magnitude_max: float = _LEVEL_DENOM
+    increasing: bool = False
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return tuple(_INCREASING.get(op, op) for op in _OPS) if self.increasing else _OPS
+
+
+@lru_cache(maxsize=16)
+def parse_randaugment(config: str) -> RandAugmentSpec:
+    """Parse timm's RandAugment string (sections ``m``, ``n``, ``p``, ``mstd``, ``mmax``, ``inc``).
+
+    Raises:
+        ValueError: not a ``rand-`` string, or a section the tensor backend does not implement (``t``: weighted op
+            sets), with the string named.
+    """
+    parts = config.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"randaugment {config!r}: the tensor backend takes timm's 'rand-...' strings only")
+    fields: dict[str, float] = {}
+    names = {"m": "magnitude", "n": "num_layers", "p": "prob", "mstd": "magnitude_std", "mmax": "magnitude_max"}
+    for part in parts[1:]:
+        key = part.rstrip("0123456789.")
+        value = part[len(key) :]
+        if key == "inc" and value:
+            fields["increasing"] = bool(int(value))
+        elif key in names and value:
+            fields[names[key]] = float(value)
+        else:
+            raise ValueError(
+                f"randaugment {config!r}: section {part!r} is not one of m<float>, n<int>, p<float>, mstd<float>, "
+                "mmax<float>, inc<0|1> (the tensor backend has no weighted op sets)"
+            )
+    if "num_layers" in fields:
+        fields["num_layers"] = int(fields["num_layers"])
+    if fields.get("magnitude_std", 0.0) > 100:  # timm: mstd above 100 means uniform sampling, as inf does
+        fields["magnitude_std"] = math.inf
+    return RandAugmentSpec(**fields)  # type: ignore[arg-type]
+
+
+def _level_arg(op: str, level: float, rng: np.random.Generator) -> float:
+    """timm's level-to-argument mapping of ``op`` at magnitude ``level`` (0 for the ops that take none)."""
+    sign = -1.0 if rng.random() > 0.5 else 1.0  # drawn for every op so one op's draws never shift another's
+    frac = level / _LEVEL_DENOM
+    if op == "Rotate":
+        return sign * frac * 30.0
+    if op in ("ShearX", "ShearY"):
+        return sign * frac * 0.3
+    if op in ("TranslateXRel", "TranslateYRel"):
+        return sign * frac * 0.45
+    if op == "Posterize":
+        return float(int(frac * 4))
+    if op == "PosterizeIncreasing":
+        return float(4 - int(frac * 4))
+    if op == "Solarize":
+        return float(min(256, int(frac * 256)))
+    if op == "SolarizeIncreasing":
+        return float(256 - min(256, int(frac * 256)))
+    if op == "SolarizeAdd":
+        return float(min(128, int(frac * 110)))
+    if op in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return frac * 1.8 + 0.1
+    if op.endswith("Increasing"):  # Color/Contrast/Brightness/Sharpness: 1 is no change, moving to 0.1 or 1.9
+        return max(0.1, 1.0 + sign * frac * 0.9)
+    return 0.0
+
+
+def draw_ops(seed: int, spec: RandAugmentSpec) -> list[tuple[str, float] | None]:
+    """One sample's RandAugment: per layer the op and its argument, or None where the layer is skipped (prob)."""
+    rng = np.random.default_rng([int(seed), 0x5241])  # RA: a stream of its own, apart from other uses of the seed
+    ops = spec.ops
+    out: list[tuple[str, float] | None] = []
+    for choice in rng.integers(0, len(ops), spec.num_layers):  # with replacement, as timm's np.random.choice
+        applied = spec.prob >= 1.0 or rng.random() <= spec.prob
+        if spec.magnitude_std == math.inf:
+            level = rng.uniform(0, spec.magnitude)
+        elif spec.magnitude_std > 0:
+            level = rng.normal(spec.magnitude, spec.magnitude_std)
+        else:
+            level = spec.magnitude
+        level = max(0.0, min(level, spec.magnitude_max))
+        arg = _level_arg(ops[choice], level, rng)
+        out.append((ops[choice], arg) if applied else None)
+    return out
+
+
+def rand_augment(images: Tensor, seeds: Tensor | list[int], config: str) -> Tensor:
+    """RandAugment ``config`` on float ``[B, C, H, W]`` images in [0, 1], sample i drawn from ``seeds[i]``.
+
+    Samples that drew the same op in the same layer go through it together, so a batch costs about two batched
+    calls per op of the policy, whatever its size.
+
+    Returns:
+        float32 ``[B, C, H, W]`` in [0, 1], on the images' device, on the uint8 grid (as PIL's output would be).
+    """
+    spec = parse_randaugment(config)
+    seed_list = seeds.detach().cpu().tolist() if isinstance(seeds, Tensor) else list(seeds)
+    if len(seed_list) != images.shape[0]:
+        raise ValueError(f"{len(seed_list)} seeds for {images.shape[0]} images")
+    drawn = [draw_ops(seed, spec) for seed in seed_list]
+    x = (images.float().clamp(0, 1) * 255).round()  # the uint8 image PIL would get, as floats on the device
+    for layer in range(spec.num_layers):
+        groups: dict[str, tuple[list[int], list[float]]] = {}
+        for i, ops in enumerate(drawn):
+            if ops[layer] is not None:
+                name, arg = ops[layer]
+                groups.setdefault(name, ([], []))[0].append(i)
+                groups[name][1].append(arg)
+        for name, (rows, args) in groups.items():
+            index = torch.tensor(rows, device=x.device)
+            arg = torch.tensor(args, device=x.device, dtype=torch.float32)
+            x[index] = _apply(name, x[index], arg).clamp_(0, 255).round_()
+    return x / 255.0
+
+
+def _apply(name: str, x: Tensor, arg: Tensor) -> Tensor:
+    """Op ``name`` on ``[N, C, H, W]`` values in [0, 255] (integers stored as float), with ``[N]`` arguments."""
+    a = arg.view(-1, 1, 1, 1)
+    if name == "AutoContrast":
+        return _autocontrast(x)
+    if name == "Equalize":
+        return _equalize(x)
+    if name == "Invert":
+        return 255.0 - x
+    if name.startswith("Posterize"):
+        step = torch.exp2(8.0 - a)  # keep `arg` high bits
+        return torch.floor(x / step) * step
+    if name.startswith("Solarize") and name != "SolarizeAdd":
+        return torch.where(x >= a, 255.0 - x, x)
+    if name == "SolarizeAdd":
+        return torch.where(x < 128, (x + a).clamp(max=255), x)
+    if name.startswith("Color"):
+        return _blend(_gray(x).expand_as(x), x, a)
+    if name.startswith("Contrast"):
+        mean = torch.floor(_gray(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5)  # PIL: int(mean of the L image + 0.5)
+        return _blend(mean.expand_as(x), x, a)
+    if name.startswith("Brightness"):
+        return _blend(torch.zeros_like(x), x, a)
+    if name.startswith("Sharpness"):
+        return _blend(_smooth(x), x, a)
+    return _affine(name, x, arg)
+
+
+def _gray(x: Tensor) -> Tensor:
+    """PIL's ``convert("L")``: ITU-R 601-2 luma, rounded."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    return torch.floor((r * 19595 + g * 38470 + b * 7471 + 0x8000) / 65536)
+
+
+def _blend(degenerate: Tensor, x: Tensor, factor: Tensor) -> Tensor:
+    """PIL's ``Image.blend(degenerate, x, factor)``: the enhancers' interpolation (extrapolation above 1),
+    truncated to an integer as PIL's C code does."""
+    return torch.floor(degenerate + factor * (x - degenerate))
+
+
+def _smooth(x: Tensor) -> Tensor:
+    """PIL's ``ImageFilter.SMOOTH`` (3x3, centre 5, others 1, /13); the one-pixel border is left as it is."""
+    c = x.shape[1]
+    kernel = torch.ones(3, 3, device=x.device, dtype=x.dtype)
+    kernel[1, 1] = 5.0
+    kernel = (kernel / 13.0).expand(c, 1, 3, 3)
+    out = x.clone()
+    out[..., 1:-1, 1:-1] = F.conv2d(x, kernel, groups=c)
+    return out.round()
+
+
+def _autocontrast(x: Tensor) -> Tensor:
+    """PIL's ``ImageOps.autocontrast`` (no cutoff): each channel stretched to [0, 255]; flat channels kept."""
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    scale = 255.0 / (hi - lo).clamp_min(1.0)
+    return torch.where(hi > lo, torch.floor((x - lo) * scale), x)
+
+
+def _equalize(x: Tensor) -> Tensor:
+    """PIL's ``ImageOps.equalize``, per channel: ``lut[i] = (step // 2 + #pixels below i) // step`` with ``step``
+    the pixel count outside the highest occupied level, over 255; a channel with one level (or step 0) is kept."""
+    n, c = x.shape[:2]
+    values = x.reshape(n * c, -1).long()
+    hist = torch.zeros(n * c, 256, device=x.device, dtype=torch.long).scatter_add_(1, values, torch.ones_like(values))
+    top_level = torch.where(hist > 0, torch.arange(256, device=x.device), -1).amax(dim=1, keepdim=True)
+    step = (values.shape[1] - hist.gather(1, top_level)) // 255
+    below = hist.cumsum(1) - hist
+    lut = ((step // 2 + below) // step.clamp_min(1)).clamp_max(255)
+    out = lut.gather(1, values)
+    keep = step == 0  # also covers a single occupied level: everything is in the top level
+    return torch.where(keep, values, out).reshape(x.shape).to(x.dtype)
+
+
+def _affine(name: str, x: Tensor, arg: Tensor) -> Tensor:
+    """Rotate, ShearX/Y, TranslateX/YRel as PIL's ``Image.transform(AFFINE)``: each output pixel centre ``p`` reads
+    the input at ``M p + t`` (pixel units, origin at the top-left corner), bilinearly; outside reads the fill."""
+    n, _, h, w = x.shape
+    one, zero = torch.ones_like(arg), torch.zeros_like(arg)
+    if name == "Rotate":  # PIL's rotate: counter-clockwise by `arg` degrees about the centre
+        rad = -torch.deg2rad(arg)
+        cos, sin = torch.cos(rad), torch.sin(rad)
+        cx, cy = w / 2.0, h / 2.0
+        m = torch.stack([cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy], dim=1)
+    elif name == "ShearX":
+        m = torch.stack([one, arg, zero, zero, one, zero], dim=1)
+    elif name == "ShearY":
+        m = torch.stack([one, zero, zero, arg, one, zero], dim=1)
+    elif name == "TranslateXRel":
+        m = torch.stack([one, zero, arg * w, zero, one, zero], dim=1)
+    elif name == "TranslateYRel":
+        m = torch.stack([one, zero, zero, zero, one, arg * h], dim=1)
+    else:
+        raise ValueError(f"unknown RandAugment op {name!r}")
+    m = m.view(n, 2, 3)
+    # grid_sample wants, per output pixel, the input position in [-1, 1] (align_corners=False: -1 is the left edge)
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=x.device, dtype=x.dtype) + 0.5,
+        torch.arange(w, device=x.device, dtype=x.dtype) + 0.5,
+        indexing="ij",
+    )
+    points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).view(1, h * w, 3)
+    source = points @ m.transpose(1, 2)  # [N, H*W, 2] input positions in pixels
+    grid = source / torch.tensor([w / 2.0, h / 2.0], device=x.device, dtype=x.dtype) - 1.0
+    out = F.grid_sample(x, grid.view(n, h, w, 2), mode="bilinear", padding_mode="border", align_corners=False)
+    # PIL's bilinear reads the fill where the position lies outside the image, and near the edge blends with the
+    # edge pixels repeated (the border padding above)
+    inside = (source >= 0).all(-1) & (source[..., 0] < w) & (source[..., 1] < h)
+    return torch.where(inside.view(n, 1, h, w), out, torch.full_like(out, _FILL))
