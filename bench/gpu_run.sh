@@ -11,7 +11,7 @@
 # hard limit keeps what it finished; then bench/throughput.py (issue 15's rows). Knobs: BUDGET_S (default 240), HARD_LIMIT_S (330), COMPILE (1; 0 = no compile
 # rows), FULL (1; 0 = tiny configurations, to try the script on a CPU), RUN_ALL_ARGS (appended), PYTHON (python3),
 # RESULTS (the output folder, default $OUT/bench), THROUGHPUT (1; 0 = skip bench/throughput.py), THROUGHPUT_LIMIT_S
-# (120).
+# (180).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -83,10 +83,11 @@ timeout -s INT "${HARD_LIMIT_S:-330}" "$PY" -m bench.run_all ${flags[*]} --budge
     --json-dir "$RESULTS" ${RUN_ALL_ARGS:-} 2>&1 | tee "$RESULTS/log.txt"
 rc=${PIPESTATUS[0]}
 echo "run_all exit code $rc (124 or 130: stopped at the hard limit; finished steps are in $RESULTS)"
-# Issue 15's before/after rows (cache open lazy vs full, loader CPU per image, quantizer) with the view replay timed
-# on the GPU; about a minute on 50 shards. THROUGHPUT=0 skips it, THROUGHPUT_LIMIT_S bounds it.
+# Issue 15's before/after rows (cache open lazy vs full, loader CPU per image without and with RandAugment,
+# quantizer) with the view replay (and the tensor RandAugment) timed on the GPU; about a minute on 50 shards.
+# THROUGHPUT=0 skips it, THROUGHPUT_LIMIT_S bounds it.
 if [ "${THROUGHPUT:-1}" = "1" ]; then
-    timeout -s INT "${THROUGHPUT_LIMIT_S:-120}" "$PY" bench/throughput.py --shards 50 \
+    timeout -s INT "${THROUGHPUT_LIMIT_S:-180}" "$PY" bench/throughput.py --shards 50 \
         --json "$RESULTS/throughput.json" 2>&1 | tee -a "$RESULTS/log.txt"
 fi
 cat "$RESULTS/summary.md" 2>/dev/null

@@ -13,6 +13,9 @@ Rows (``before`` | ``after``, and their ratio ``before / after``, so > 1 means t
   ``train.replay_on_device`` (the loader copies uint8 images and the view rows). ``device_replay_ms_per_image`` is
   the replay those images then need (``train_data.replay_views``) on ``--device``: on a CPU it is CPU time, a
   stand-in; on a GPU it is synchronized wall time on the training device, not in a loader worker.
+* ``loader, RandAugment``: the same with the README recipe's ``rand-m9-mstd0.5-inc1``. Before: timm's PIL
+  RandAugment after each replayed view in the loader (``randaugment_backend: pil``); after: the tensor backend,
+  replayed on the device with the views (``device_replay_randaugment_ms_per_image``).
 * ``quantizer``: CPU ms per call (one thread, the fastest of ``--repeats``) of the nearest-code search for
   ``--quant-rows`` latent vectors (f8-16384: 784 per 224-px image) against a ``--codes`` x ``--code-dim`` codebook.
   Before: taming's three-step distance (``||z||^2 + ||e||^2 - 2 z.e``, three full-size passes); after:
@@ -63,7 +66,8 @@ def write_synthetic_cache(root: Path, *, shards: int, shard_images: int, image_s
         side = torch.randint(s // 2, s + 1, (n, views, 2), generator=gen)
         corner = (torch.rand(n, views, 2, generator=gen) * (s - side + 1)).long()
         flip = torch.randint(0, 2, (n, views, 1), generator=gen)
-        shard["views"] = torch.cat([corner, side, flip, torch.zeros(n, views, 1, dtype=torch.long)], dim=-1)
+        seed = torch.randint(0, 2**31 - 1, (n, views, 1), generator=gen)  # draws the RandAugment ops of a view
+        shard["views"] = torch.cat([corner, side, flip, seed], dim=-1)
         path = root / f"shard-{shard_id:05d}.pt"
         save_torch(shard, path)
         info = {"shard": shard_id, "start": shard_id * n, "count": n, "sha256": sha256_file(path)}
@@ -95,19 +99,21 @@ def _cache_open(root: Path, repeats: int) -> dict[str, float]:
     return out
 
 
-def _replay_seconds(batches: list[dict[str, torch.Tensor]], image_size: int, device: torch.device) -> float:
+def _replay_seconds(
+    batches: list[dict[str, torch.Tensor]], image_size: int, device: torch.device, randaugment: str
+) -> float:
     """Seconds of ``replay_views`` over ``batches`` on ``device`` (CPU time on a CPU; synchronized wall on a GPU)."""
     from dad_core.train_data import replay_views
 
     on_gpu = device.type == "cuda"
     moved = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    replay_views(moved[0], image_size)  # warm-up (kernel selection, allocator)
+    replay_views(moved[0], image_size, randaugment=randaugment)  # warm-up (kernel selection, allocator)
     if on_gpu:
         torch.cuda.synchronize(device)
     clock = time.perf_counter if on_gpu else time.process_time
     start = clock()
     for batch in moved:
-        replay_views(batch, image_size)
+        replay_views(batch, image_size, randaugment=randaugment)
     if on_gpu:
         torch.cuda.synchronize(device)
     return clock() - start
@@ -122,7 +128,13 @@ def _loader_cpu_per_image(
     from dad_core.train_data import DADPairs
 
     out = {}
-    for on_device in (False, True):
+    variants = {  # name: (train.randaugment, its backend, train.replay_on_device)
+        "cpu": ("", "pil", False),
+        "device": ("", "pil", True),
+        "cpu-randaugment": (RANDAUGMENT, "pil", False),  # timm's PIL ops in the loader (the README recipe before)
+        "device-randaugment": (RANDAUGMENT, "tensor", True),
+    }
+    for name, (randaugment, backend, on_device) in variants.items():
         cache = load_teacher_cache(root, num_classes=1000, verify="none")  # hashing is the other row's business
         pairs = DADPairs(
             cache,
@@ -132,18 +144,22 @@ def _loader_cpu_per_image(
             with_teacher=True,
             crop_scale=(0.08, 1.0),
             hflip=0.5,
+            randaugment=randaugment,
+            randaugment_backend=backend,
             replay_on_device=on_device,
         )
         subset = torch.utils.data.Subset(pairs, range(min(images, len(pairs))))
         loader = DataLoader(subset, batch_size=batch_size, num_workers=0)
         for shard_id in range(cache.manifest["num_shards"]):  # open (mmap) every shard first: not replay cost
             cache.shard(shard_id)
+        for _ in loader:  # a pass first, so that no variant pays the page faults of a first read for the others
+            pass
         batches, start = [], time.process_time()
         for batch in loader:
             batches.append(batch)
-        out["device" if on_device else "cpu"] = (time.process_time() - start) / len(subset)
+        out[name] = (time.process_time() - start) / len(subset)
         if on_device:
-            out["device-replay"] = _replay_seconds(batches, image_size, device) / len(subset)
+            out[f"{name}-replay"] = _replay_seconds(batches, image_size, device, randaugment) / len(subset)
     return out
 
 
@@ -182,6 +198,9 @@ def _quantizer(rows: int, codes: int, dim: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+RANDAUGMENT = "rand-m9-mstd0.5-inc1"  # the README's ImageNet recipe
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -211,6 +230,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = [
         _row("cache-open (start-up)", "s", opened["full"], opened["lazy"], "verify=full", "verify=lazy"),
         _row("loader CPU per image", "ms", loader["cpu"] * 1e3, loader["device"] * 1e3, "CPU replay", "uint8 + views"),
+        _row(
+            "loader CPU per image, RandAugment",
+            "ms",
+            loader["cpu-randaugment"] * 1e3,
+            loader["device-randaugment"] * 1e3,
+            "CPU replay, timm's PIL RandAugment",
+            "uint8 + views, tensor RandAugment on the device",
+        ),
         _row("quantizer", "ms", quant["three-step"], quant["fused"], "three-step", "fused addmm"),
         _row("quantizer vs explicit distance", "ms", quant["naive"], quant["fused"], "explicit", "fused addmm"),
     ]
@@ -225,6 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "replay_device": str(device),
         "device_replay_ms_per_image": round(loader["device-replay"] * 1e3, 4),
+        "device_replay_randaugment_ms_per_image": round(loader["device-randaugment-replay"] * 1e3, 4),
         "quantizer": {k: v for k, v in quant.items() if not isinstance(v, float) or k.startswith("fused_")},
     }
 
@@ -255,6 +283,10 @@ def format_table(result: dict[str, Any]) -> str:
         )
     where = result["replay_device"]
     lines.append(f"\nreplay_views on {where} (the device's share): {result['device_replay_ms_per_image']} ms/image")
+    lines.append(
+        f"replay_views with the tensor RandAugment ({RANDAUGMENT}) on {where}: "
+        f"{result['device_replay_randaugment_ms_per_image']} ms/image"
+    )
     lines.append(f"quantizer codes: {json.dumps(result['quantizer'])}")
     return "\n".join(lines)
 
@@ -264,7 +296,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shards", type=int, default=200)
     parser.add_argument("--shard-images", type=int, default=12, help="images per shard (12 at 224 px: 3.6 MB)")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--loader-images", type=int, default=256, help="images the loader rows read")
+    parser.add_argument("--loader-images", type=int, default=512, help="images the loader rows read")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--quant-rows", type=int, default=4 * 784, help="latent vectors (784 per 224-px f8 image)")
     parser.add_argument("--codes", type=int, default=16384)

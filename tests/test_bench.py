@@ -109,10 +109,16 @@ def test_throughput_rows_compare_before_and_after_in_one_run(tmp_path):
     result = json.loads(path.read_text())
     assert code == 0 and result["cpu_model"]
     names = [r["name"] for r in result["rows"]]
-    assert names == ["cache-open (start-up)", "loader CPU per image", "quantizer", "quantizer vs explicit distance"]
+    assert names == [
+        "cache-open (start-up)",
+        "loader CPU per image",
+        "loader CPU per image, RandAugment",
+        "quantizer",
+        "quantizer vs explicit distance",
+    ]
     assert all(r["before"] > 0 and r["after"] > 0 and r["ratio"] > 0 for r in result["rows"])
     assert result["quantizer"]["fused_equals_three_step"] is True
-    assert result["device_replay_ms_per_image"] > 0
+    assert result["device_replay_ms_per_image"] > 0 and result["device_replay_randaugment_ms_per_image"] > 0
 
 
 def test_compile_mode_rows_are_known_and_map_to_torch_compile_modes():
