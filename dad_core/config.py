@@ -284,7 +284,7 @@ class TrainConfig:
     # pil: timm's PIL ops, per image on the CPU | tensor: the same policy on tensors (dad_core.randaugment), which
     # train.replay_on_device replays batched on the training device; the two draw other ops for one seed
     randaugment_backend: str = "pil"
-    reprob: float = 0.0  # random erasing probability
+    reprob: float = 0.0  # random erasing probability (timm pixel mode, one box; in the training step, student only)
     drop_path: float = 0.0
     ema_decay: float = 0.0  # 0 disables EMA
     clip_grad: float | None = None

@@ -6,6 +6,8 @@ The training loop knows nothing about DAD (STYLE rule 10). The teacher lives her
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 from dad_core.config import LossConfig
 from dad_core.losses import DADLoss, soften
 
-__all__ = ["DADTask", "mix_batch"]
+__all__ = ["DADTask", "mix_batch", "random_erase"]
 
 
 def mix_batch(
@@ -55,12 +57,61 @@ def mix_batch(
     return mixed, lam * targets + (1 - lam) * targets[perm], perm, lam
 
 
+def random_erase(
+    tensors: list[Tensor], *, prob: float, rng: np.random.Generator, mean: Tensor, std: Tensor
+) -> list[Tensor]:
+    """timm's RandomErasing as DeiT trains with it (``mode="pixel"``, one box), batched on the images' device.
+
+    Each sample, with probability ``prob``, gets a box of 2-33 % of its area with aspect ratio in [0.3, 3.3] (ten
+    tries, as timm), filled with per-pixel Gaussian noise that the student's normalization turns into N(0, 1): timm
+    erases after normalizing, these images are normalized inside the student. Every tensor gets the sample's box (a
+    clean image and its DAD sample alike), each its own noise.
+
+    Args:
+        tensors: ``[B, C, H, W]`` images in [0, 1].
+        prob: ``train.reprob``.
+        rng: NumPy RNG (checkpointed with the run, so a resumed run erases the same boxes).
+        mean, std: the student's input normalization, broadcastable to ``[C, 1, 1]``.
+
+    Returns:
+        New tensors (the inputs are left as they were).
+    """
+    b, _, h, w = tensors[0].shape
+    boxes = []
+    for i in range(b):
+        if rng.random() >= prob:
+            continue
+        for _ in range(10):
+            area = rng.uniform(0.02, 1 / 3) * h * w
+            aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+            eh, ew = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < eh < h and 0 < ew < w:
+                boxes.append((i, int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1)), eh, ew))
+                break
+    if not boxes:
+        return tensors
+    device = tensors[0].device
+    gen = torch.Generator(device=device).manual_seed(int(rng.integers(0, 2**63 - 1)))
+    mean, std = mean.reshape(-1, 1, 1).to(device), std.reshape(-1, 1, 1).to(device)
+    out = []
+    for t in tensors:
+        t = t.clone()
+        for i, top, left, eh, ew in boxes:
+            noise = torch.randn((t.shape[1], eh, ew), generator=gen, device=device)
+            t[i, :, top : top + eh, left : left + ew] = (mean + std * noise).to(t.dtype)
+        out.append(t)
+    return out
+
+
 class DADTask(nn.Module):
     """Student + loss (+ the teacher in online mode) for one step.
 
     Batch keys: ``clean``, ``dad`` (``[B, 3, H, W]`` in [0, 1]; not needed without ``use_dad``), ``label`` (``[B]``),
     and in cached mode ``t_clean``, ``t_dad`` (teacher probabilities at temperature T, ``[B, K]``). For plain CE
     (``loss_cfg.uses_teacher`` false) no teacher runs and no teacher probabilities are read.
+
+    ``reprob`` > 0 erases a random box of the student's inputs (:func:`random_erase`) in training mode, after
+    mixup/cutmix; the teacher's soft labels are those of the images before erasing, stored or (online) computed.
     """
 
     def __init__(
@@ -74,6 +125,9 @@ class DADTask(nn.Module):
         label_smoothing: float = 0.0,
         mixup: float = 0.0,
         cutmix: float = 0.0,
+        reprob: float = 0.0,
+        input_mean: Tensor | None = None,
+        input_std: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.student = student
@@ -84,6 +138,10 @@ class DADTask(nn.Module):
         self.use_dad = use_dad and (loss_cfg.variant == "C" or loss_cfg.kd_weights[1] > 0)
         self.num_classes = num_classes
         self.label_smoothing, self.mixup, self.cutmix = label_smoothing, mixup, cutmix
+        self.reprob = reprob
+        # the student's normalization (plain attributes, not buffers: they are no state of the task)
+        self.input_mean = input_mean if input_mean is not None else torch.tensor([0.485, 0.456, 0.406])
+        self.input_std = input_std if input_std is not None else torch.tensor([0.229, 0.224, 0.225])
         self.temperature = loss_cfg.temperature
         self.variant = loss_cfg.variant
         self.uses_teacher = loss_cfg.uses_teacher
@@ -110,8 +168,13 @@ class DADTask(nn.Module):
         t_clean = None  # plain CE
         if self.uses_teacher:
             t_clean = stored[0] if stored else self._teacher_probs(batch, "t_clean", images[0])
+        student_in = images
+        if self.reprob > 0 and self.training:
+            student_in = random_erase(
+                images, prob=self.reprob, rng=rng or np.random.default_rng(), mean=self.input_mean, std=self.input_std
+            )
         # One forward pass over clean + DAD: faster than two, and BatchNorm sees both (as in variant C).
-        logits = self.student(torch.cat(images))
+        logits = self.student(torch.cat(student_in))
         s_clean = logits[: clean.shape[0]]
         if not self.use_dad:
             out = self.loss(s_clean, targets, t_clean)

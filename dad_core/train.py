@@ -364,6 +364,9 @@ def _setup_run(
         label_smoothing=t.label_smoothing,
         mixup=t.mixup,
         cutmix=t.cutmix,
+        reprob=t.reprob,
+        input_mean=student.mean.detach().flatten().cpu(),
+        input_std=student.std.detach().flatten().cpu(),
     )
     steps_per_epoch = max(batches_per_epoch // t.grad_accum, 1)
     optimizer, scheduler = _build_optimization(cfg, student, steps_per_epoch, dev)
