@@ -18,6 +18,8 @@ the clean and the DAD image (DESIGN §3.3). Rows:
 * ``product-compiled``, ``product-bf16-decoder-compiled``, ``product-bf16-compiled`` (``--compile``): the product
   rows with ``torch.compile`` on the VQGAN encoder/decoder and teacher, what ``cache.compile: true`` does (the other
   rows are ``cache.compile: false``).
+* ``cache-shard-bf16-compiled`` (``--compile``): ``cache-shard`` with ``cache.compile: true`` and
+  ``vqgan.precision: bf16``, the fastest settings on the whole shard (views and storage included).
 * ``product-autotune``, ``product-bf16-autotune``, ``product-cudagraphs``, ``product-bf16-cudagraphs`` (``--rows``,
   or ``run_all --compile`` while the budget lasts): the compiled rows with the VQGAN encoder/decoder compiled with
   ``mode="max-autotune"`` or ``mode="reduce-overhead"`` (CUDA graphs) instead of the default mode; GPU rows.
@@ -54,8 +56,10 @@ PRODUCT_PRECISION = {"product": "fp32", "product-bf16-decoder": "bf16-decoder", 
 DEFAULT_ROWS = ("naive-fp32", "naive-bf16", *PRODUCT_PRECISION, "cache-shard")
 COMPILED_ROWS = (
     *(f"{name}-compiled" for name in PRODUCT_PRECISION),
+    "cache-shard-bf16-compiled",  # the whole shard as cache.compile: true with vqgan.precision: bf16 runs it
     *(f"{name}-{mode}" for mode in ("autotune", "cudagraphs") for name in ("product", "product-bf16")),
 )
+SHARD_PRECISION = {"cache-shard": "fp32", "cache-shard-bf16": "bf16"}  # cache-shard rows and their vqgan.precision
 ROWS = (*DEFAULT_ROWS, *COMPILED_ROWS)
 BASELINE = "naive-fp32"
 TARGET = 2.5  # DESIGN §6: DAD sample generation at least 2.5x the naive step on the same GPU
@@ -288,10 +292,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     on_gpu = device.type == "cuda"
     ref_precision = args.reference_precision if on_gpu else None
     dtypes = {"naive-fp32": f"fp32 ({ref_precision or 'cpu'})", "naive-bf16": "bf16 autocast (VQGAN too)"}
-    for name in (*PRODUCT_PRECISION, *COMPILED_ROWS):
-        precision = PRODUCT_PRECISION[common.split_compile_mode(name)[0]]
+    for name in (*PRODUCT_PRECISION, *COMPILED_ROWS, "cache-shard"):
+        precision = {**PRODUCT_PRECISION, **SHARD_PRECISION}[common.split_compile_mode(name)[0]]
         dtypes[name] = f"bf16 autocast, VQGAN {precision}" if on_gpu else "fp32"
-    dtypes["cache-shard"] = dtypes["product"]
     rows, outputs = [], {}
     for name in common.selected_rows(args, ROWS, DEFAULT_ROWS):
         with contextlib.ExitStack() as stack:
@@ -300,8 +303,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 step = seeded(naive_step, teacher)
             elif name == "naive-bf16":
                 step = _bf16(seeded(naive_step, teacher), device.type)
-            elif name == "cache-shard":
-                step = _shard_step(teacher, vqgan, images, labels, cfg, device)
+            elif name.startswith("cache-shard"):  # the product's own shard code, compiled (in a mode) or not
+                base, mode = common.split_compile_mode(name)
+                stack.enter_context(common.vqgan_precision(vqgan, SHARD_PRECISION[base]))
+                model = stack.enter_context(compiled(teacher, vqgan, mode)) if mode else teacher
+                step = _shard_step(model, vqgan, images, labels, cfg, device)
             else:  # product rows, with the vqgan.precision they name, compiled (in a mode) or not
                 base, mode = common.split_compile_mode(name)
                 stack.enter_context(common.vqgan_precision(vqgan, PRODUCT_PRECISION[base]))
@@ -354,7 +360,7 @@ def ratios(rows: list[dict[str, Any]], on_gpu: bool) -> list[dict[str, Any]]:
     out = []
     for name in (*PRODUCT_PRECISION, *COMPILED_ROWS, "cache-shard"):
         if any(r["name"] == name for r in rows):
-            target = TARGET if name != "cache-shard" else None
+            target = TARGET if not name.startswith("cache-shard") else None
             out.append(common.ratio_entry(rows, name, "naive-fp32", target, "baseline of the brief: fp32"))
             out.append(common.ratio_entry(rows, name, "naive-bf16", target, "DESIGN §6 naive step (bf16)"))
     return out

@@ -32,6 +32,7 @@ from bench import costs, generation, training, vqgan  # noqa: E402
 BENCHMARKS = {"training": training, "generation": generation, "vqgan": vqgan}
 COMPILE_ROWS = (
     ("generation", "product-bf16-compiled"),  # the best chance at the generation target
+    ("generation", "cache-shard-bf16-compiled"),  # issue 15: the whole shard with those settings
     ("generation", "product-bf16-decoder-compiled"),
     ("vqgan", "bf16-compiled"),
     ("vqgan", "product-compiled"),

@@ -160,3 +160,32 @@ def test_compile_mode_rows_pass_their_mode_to_torch_compile(name, rows, tmp_path
         assert {"product-autotune / product-compiled", "product-cudagraphs / product-compiled"} <= {
             r["name"] for r in result["ratios"]
         }
+
+
+def test_the_whole_shard_row_runs_compiled_with_the_bf16_vqgan(tmp_path, monkeypatch):
+    """``cache-shard-bf16-compiled``: the product's own ``_make_shard`` with a compiled teacher and VQGAN and
+    ``vqgan.precision: bf16``, what ``cache.compile: true`` with that precision runs."""
+    import dad_core.teacher_cache as tc
+    from bench import generation
+
+    compiled, precisions = [], []
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None, **kwargs: compiled.append(mode) or module)
+    make_shard = tc._make_shard
+
+    def spy(teacher, vqgan, *args, **kwargs):
+        precisions.append(vqgan.precision)
+        return make_shard(teacher, vqgan, *args, **kwargs)
+
+    monkeypatch.setattr(tc, "_make_shard", spy)
+    path = tmp_path / "generation.json"
+    rows = "cache-shard,cache-shard-bf16-compiled"
+
+    code = generation.main([*QUICK, "--rows", rows, "--json", str(path)])
+
+    result = json.loads(path.read_text())
+    assert code == 0 and [r["name"] for r in result["rows"]] == rows.split(",")
+    assert [r["compile"] for r in result["rows"]] == [False, True] and len(compiled) == 3  # encoder, decoder, teacher
+    assert set(precisions) == {"fp32", "bf16"} and precisions[-1] == "bf16"
+    assert "cache-shard-bf16-compiled" in generation.COMPILED_ROWS and ("generation", rows.split(",")[1]) in (
+        importlib.import_module("bench.run_all").COMPILE_ROWS
+    )
