@@ -160,17 +160,29 @@ def rand_augment(images: Tensor, seeds: Tensor | list[int], config: str) -> Tens
     drawn = [draw_ops(seed, spec) for seed in seed_list]
     x = (images.float().clamp(0, 1) * 255).round()  # the uint8 image PIL would get, as floats on the device
     for layer in range(spec.num_layers):
-        groups: dict[str, tuple[list[int], list[float]]] = {}
+        groups: dict[str, list[tuple[int, float]]] = {}
         for i, ops in enumerate(drawn):
             if ops[layer] is not None:
-                name, arg = ops[layer]
-                groups.setdefault(name, ([], []))[0].append(i)
-                groups[name][1].append(arg)
-        for name, (rows, args) in groups.items():
-            index = torch.tensor(rows, device=x.device)
-            arg = torch.tensor(args, device=x.device, dtype=torch.float32)
+                groups.setdefault(ops[layer][0], []).append((i, ops[layer][1]))
+        if not groups:
+            continue
+        # one host-to-device copy per layer (sample indices grouped by op, and their arguments), not one per op
+        flat = [entry for entries in groups.values() for entry in entries]
+        rows = _to_device(torch.tensor([i for i, _ in flat]), x.device)
+        args = _to_device(torch.tensor([a for _, a in flat], dtype=torch.float32), x.device)
+        start = 0
+        for name, entries in groups.items():
+            index, arg = rows[start : start + len(entries)], args[start : start + len(entries)]
             x[index] = _apply(name, x[index], arg).clamp_(0, 255).round_()
+            start += len(entries)
     return x / 255.0
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``; from pinned memory on a GPU, so the copy does not stall the host."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _apply(name: str, x: Tensor, arg: Tensor) -> Tensor:
@@ -276,7 +288,7 @@ def _affine(name: str, x: Tensor, arg: Tensor) -> Tensor:
     )
     points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).view(1, h * w, 3)
     source = points @ m.transpose(1, 2)  # [N, H*W, 2] input positions in pixels
-    grid = source / torch.tensor([w / 2.0, h / 2.0], device=x.device, dtype=x.dtype) - 1.0
+    grid = torch.stack([source[..., 0] * (2.0 / w) - 1.0, source[..., 1] * (2.0 / h) - 1.0], dim=-1)
     out = F.grid_sample(x, grid.view(n, h, w, 2), mode="bilinear", padding_mode="border", align_corners=False)
     # PIL's bilinear reads the fill where the position lies outside the image, and near the edge blends with the
     # edge pixels repeated (the border padding above)
