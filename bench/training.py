@@ -8,6 +8,11 @@ does, and includes backward and the AdamW update. Rows, per student:
 * ``online``: ``DADTask`` with the teacher run on the clean and the DAD view every step (``teacher_mode: online``).
 * ``reference``: the reference design: fp32 (IEEE unless ``--reference-precision tf32``), online teacher, no
   channels_last.
+* ``cached-replay``: ``cached`` as ``train.replay_on_device: true`` runs it: the batch holds the stored uint8 images
+  and a view row per sample (crop scale 0.08-1, flip 0.5), and the step makes the views first
+  (``train_data.replay_views``: per-sample crop, antialiased resize, flip, on the training device).
+* ``cached-replay-randaugment``: the same with ``rand-m9-mstd0.5-inc1`` and ``train.randaugment_backend: tensor``
+  (the README's ImageNet recipe): the views' RandAugment runs in the step too.
 * ``cached-compiled`` (``--compile``): ``cached`` with the student under ``torch.compile`` (``train.compile``).
 
 The product rows use the product's own choices (``dad_core.train``): bf16 autocast and channels_last (model and
@@ -37,10 +42,12 @@ if __package__ in (None, ""):  # run as a file (python bench/training.py): make 
 
 from bench import _common as common  # noqa: E402
 
-ROWS = ("plain", "cached", "online", "reference", "cached-compiled")
-DEFAULT_ROWS = ("plain", "cached", "online", "reference")
+ROWS = ("plain", "cached", "cached-replay", "cached-replay-randaugment", "online", "reference", "cached-compiled")
+DEFAULT_ROWS = ("plain", "cached", "cached-replay", "cached-replay-randaugment", "online", "reference")
 # DESIGN §6: cached at least 0.9x plain, 1.8x online, 12x the reference design (on a GPU)
 TARGETS = {"plain": 0.9, "online": 1.8, "reference": 12.0}
+REPLAY_TARGET = 0.9  # issue 15: cached training with the views replayed on the device stays >= 0.9x the plain step
+RANDAUGMENT = "rand-m9-mstd0.5-inc1"
 TINY = dict(students=("resnet10t",), teacher="dad-tiny-clip", num_classes=10, image_size=32, batch_size=16)
 FULL = dict(
     students=("vit_base_patch16_224", "resnet50"), teacher="ViT-L-14", num_classes=1000, image_size=224, batch_size=128
@@ -60,6 +67,30 @@ def _batch(
     for key in ("t_clean", "t_dad"):
         batch[key] = F.softmax(torch.randn(batch_size, num_classes, generator=gen) * 3 / temperature, dim=-1)
     return {key: value.to(device) for key, value in batch.items()}
+
+
+def _replay_batch(batch: dict[str, Tensor], size: int, seed: int) -> dict[str, Tensor]:
+    """``batch`` as ``train.replay_on_device`` yields it: uint8 stored images and a ``[B, 6]`` view row each."""
+    from dad_core.views import sample_view
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(batch["label"].shape[0]):
+        v = sample_view(size, size, rng, scale=(0.08, 1.0), hflip=0.5)
+        rows.append([v.top, v.left, v.height, v.width, int(v.flip), v.seed])
+    out = {key: value for key, value in batch.items() if key not in ("clean", "dad")}
+    for name in ("clean", "dad"):
+        out[name] = (batch[name] * 255).round().to(torch.uint8)
+    out["view"] = torch.tensor(rows, device=batch["label"].device)
+    return out
+
+
+def _replayed(forward, size: int, randaugment: str, device: torch.device, channels_last: bool):
+    """``forward`` after the step makes the views, as ``dad_core.train._loop`` does with ``replay_on_device``."""
+    from dad_core.train import _to_device  # private: the benchmark runs the product loop's own batch handling
+    from dad_core.train_data import replay_views
+
+    return lambda b: forward(_to_device(replay_views(b, size, randaugment=randaugment), device, channels_last))
 
 
 def _student(name: str, num_classes: int, size: int, device: torch.device, channels_last: bool, seed: int) -> nn.Module:
@@ -153,7 +184,14 @@ def _row(
         )
         task.train()
         forward = _task_forward(task, args.seed)
-    step = _step_fn(forward, optimizer, batch, device, autocast=on_gpu and product, channels_last=channels_last)
+    replay = kind.startswith("cached-replay")
+    if replay:
+        randaugment = RANDAUGMENT if kind.endswith("randaugment") else ""
+        forward = _replayed(forward, shape["image_size"], randaugment, device, channels_last)
+        batch = _replay_batch(batch, shape["image_size"], args.seed)
+    step = _step_fn(
+        forward, optimizer, batch, device, autocast=on_gpu and product, channels_last=channels_last and not replay
+    )
     b = batch["label"].shape[0]
     dtype = "bf16 autocast" if on_gpu and product else "fp32" + (f" ({args.reference_precision})" if on_gpu else "")
     with common.fp32_precision(args.reference_precision if on_gpu and not product else None):
@@ -191,6 +229,11 @@ def ratios(rows: list[dict[str, Any]], on_gpu: bool) -> list[dict[str, Any]]:
             if other == "reference" and not on_gpu:
                 target = None  # a GPU target: on a CPU the product's bf16 and channels_last are off
             out.append(common.ratio_entry(rows, f"{student}/cached", f"{student}/{other}", target))
+        for kind in ("cached-replay", "cached-replay-randaugment"):
+            if f"{student}/{kind}" in names:
+                target = REPLAY_TARGET if on_gpu else None  # a GPU target, like the reference's
+                out.append(common.ratio_entry(rows, f"{student}/{kind}", f"{student}/plain", target))
+                out.append(common.ratio_entry(rows, f"{student}/{kind}", f"{student}/cached"))
         if f"{student}/cached-compiled" in names:
             out.append(common.ratio_entry(rows, f"{student}/cached-compiled", f"{student}/cached"))
     return out

@@ -189,3 +189,32 @@ def test_the_whole_shard_row_runs_compiled_with_the_bf16_vqgan(tmp_path, monkeyp
     assert "cache-shard-bf16-compiled" in generation.COMPILED_ROWS and ("generation", rows.split(",")[1]) in (
         importlib.import_module("bench.run_all").COMPILE_ROWS
     )
+
+
+def test_the_replay_rows_make_the_views_in_the_step(tmp_path, monkeypatch):
+    """``cached-replay(-randaugment)``: the step gets uint8 images and view rows and calls the product's replay."""
+    import dad_core.train_data
+    from bench import training
+
+    calls = []
+    replay = dad_core.train_data.replay_views
+
+    def spy(batch, size, *, randaugment=""):
+        calls.append((batch["clean"].dtype, tuple(batch["view"].shape), size, randaugment))
+        return replay(batch, size, randaugment=randaugment)
+
+    monkeypatch.setattr(dad_core.train_data, "replay_views", spy)
+    path = tmp_path / "training.json"
+    rows = "plain,cached-replay,cached-replay-randaugment"
+
+    assert training.main([*QUICK, "--rows", rows, "--json", str(path)]) == 0
+
+    result = json.loads(path.read_text())
+    assert [r["name"] for r in result["rows"]] == [f"resnet10t/{r}" for r in rows.split(",")]
+    assert {(torch.uint8, (4, 6), 32, "")} == {c for c in calls if not c[3]}
+    assert {(torch.uint8, (4, 6), 32, training.RANDAUGMENT)} == {c for c in calls if c[3]}
+    names = {r["name"] for r in result["ratios"]}
+    assert {
+        "resnet10t/cached-replay / resnet10t/plain",
+        "resnet10t/cached-replay-randaugment / resnet10t/plain",
+    } <= names
