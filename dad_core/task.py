@@ -91,15 +91,19 @@ def random_erase(
     if not boxes:
         return tensors
     device = tensors[0].device
+    # one mask for the batch, built from the boxes in one copy: a few batched ops instead of a few per box
+    index, top, left, eh, ew = torch.tensor(boxes).to(device).unbind(1)
+    ys, xs = torch.arange(h, device=device), torch.arange(w, device=device)
+    in_rows = (ys >= top[:, None]) & (ys < (top + eh)[:, None])
+    in_cols = (xs >= left[:, None]) & (xs < (left + ew)[:, None])
+    mask = torch.zeros(b, 1, h, w, dtype=torch.bool, device=device)
+    mask[index] = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
     gen = torch.Generator(device=device).manual_seed(int(rng.integers(0, 2**63 - 1)))
-    mean, std = mean.reshape(-1, 1, 1).to(device), std.reshape(-1, 1, 1).to(device)
+    mean, std = mean.reshape(1, -1, 1, 1).to(device), std.reshape(1, -1, 1, 1).to(device)
     out = []
     for t in tensors:
-        t = t.clone()
-        for i, top, left, eh, ew in boxes:
-            noise = torch.randn((t.shape[1], eh, ew), generator=gen, device=device)
-            t[i, :, top : top + eh, left : left + ew] = (mean + std * noise).to(t.dtype)
-        out.append(t)
+        noise = torch.empty_like(t, dtype=torch.float32).normal_(generator=gen)  # empty_like: t's memory format
+        out.append(torch.where(mask, (mean + std * noise).to(t.dtype), t))
     return out
 
 

@@ -52,6 +52,10 @@ def test_the_probability_and_the_rng_decide_which_and_where():
     hit = sum(box is not None for box in _erased_boxes(images, erased))
     assert 70 <= hit <= 130  # about a quarter
     assert random_erase([images], prob=0.0, rng=np.random.default_rng(7), mean=MEAN, std=STD)[0] is images
+    last = images.contiguous(memory_format=torch.channels_last)  # the training step's format on a GPU
+    erased_last = random_erase([last], prob=0.25, rng=np.random.default_rng(7), mean=MEAN, std=STD)[0]
+    assert erased_last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(erased_last != last, erased != images)  # the same boxes (the noise fills memory in order)
 
 
 def test_the_task_erases_the_students_inputs_only_and_only_in_training():
