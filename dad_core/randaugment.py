@@ -13,9 +13,11 @@ uint8 rounding after every op. What differs:
 * the draws come from ``numpy.random.default_rng(seed)`` per sample, so for one seed the two backends pick other
   ops: a cache made with one backend is never read with the other (the backend is in the cache's dependencies);
 * the geometric ops (rotate, shear, translate) sample bilinearly; timm picks bilinear or bicubic at random;
-* the ops themselves follow PIL's formulas (``ImageOps``, ``ImageEnhance``, PIL's bilinear affine with its edge
-  rule): the photometric ops give PIL's pixels, the geometric ones are within one gray level of PIL's bilinear
-  (``tests/dad_core/test_randaugment.py`` compares every op with timm's PIL op).
+* the ops themselves follow PIL's formulas (``ImageOps``, ``ImageEnhance``, PIL's truncated bilinear affine with
+  its edge rule, doubles where PIL uses them): the photometric ops give PIL's pixels exactly, the geometric ones
+  within one gray level where float32 and PIL round a blend across an integer (a few pixels in a thousand;
+  ``tests/dad_core/test_randaugment.py`` compares every op with timm's PIL op). The ops run in float32 with autocast
+  off and without convolutions or matmuls, so a GPU's TF32 or bf16 does not move the pixels.
 
 The result depends on the seed and the pixels only, not on the batch it is in or the device (up to the device's
 floating-point rounding), which is what replay needs: the cache writer and the training step call the same function.
@@ -126,7 +128,13 @@ def _level_arg(op: str, level: float, rng: np.random.Generator) -> float:
 
 
 def draw_ops(seed: int, spec: RandAugmentSpec) -> list[tuple[str, float] | None]:
-    """One sample's RandAugment: per layer the op and its argument, or None where the layer is skipped (prob)."""
+    """One sample's RandAugment: per layer the op and its argument, or None where the layer is skipped (prob).
+
+    A negative seed draws no op: a sample without a view (the whole stored image, see
+    :class:`~dad_core.train_data.DADPairs`) gets no RandAugment, as on the CPU.
+    """
+    if seed < 0:
+        return [None] * spec.num_layers
     rng = np.random.default_rng([int(seed), 0x5241])  # RA: a stream of its own, apart from other uses of the seed
     ops = spec.ops
     out: list[tuple[str, float] | None] = []
@@ -153,10 +161,15 @@ def rand_augment(images: Tensor, seeds: Tensor | list[int], config: str) -> Tens
     Returns:
         float32 ``[B, C, H, W]`` in [0, 1], on the images' device, on the uint8 grid (as PIL's output would be).
     """
-    spec = parse_randaugment(config)
     seed_list = seeds.detach().cpu().tolist() if isinstance(seeds, Tensor) else list(seeds)
     if len(seed_list) != images.shape[0]:
         raise ValueError(f"{len(seed_list)} seeds for {images.shape[0]} images")
+    # exact float32 (and float64 where PIL uses doubles) whatever the caller's autocast: bf16 would move pixels
+    with torch.autocast(images.device.type, enabled=False):
+        return _rand_augment(images, seed_list, parse_randaugment(config))
+
+
+def _rand_augment(images: Tensor, seed_list: list[int], spec: RandAugmentSpec) -> Tensor:
     drawn = [draw_ops(seed, spec) for seed in seed_list]
     x = (images.float().clamp(0, 1) * 255).round()  # the uint8 image PIL would get, as floats on the device
     for layer in range(spec.num_layers):
@@ -204,7 +217,8 @@ def _apply(name: str, x: Tensor, arg: Tensor) -> Tensor:
     if name.startswith("Color"):
         return _blend(_gray(x).expand_as(x), x, a)
     if name.startswith("Contrast"):
-        mean = torch.floor(_gray(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5)  # PIL: int(mean of the L image + 0.5)
+        # PIL: int(mean of the L image + 0.5), in doubles (a float32 sum is inexact beyond 2^24)
+        mean = torch.floor(_gray(x).double().mean(dim=(1, 2, 3), keepdim=True) + 0.5).to(x.dtype)
         return _blend(mean.expand_as(x), x, a)
     if name.startswith("Brightness"):
         return _blend(torch.zeros_like(x), x, a)
@@ -226,22 +240,28 @@ def _blend(degenerate: Tensor, x: Tensor, factor: Tensor) -> Tensor:
 
 
 def _smooth(x: Tensor) -> Tensor:
-    """PIL's ``ImageFilter.SMOOTH`` (3x3, centre 5, others 1, /13); the one-pixel border is left as it is."""
-    c = x.shape[1]
-    kernel = torch.ones(3, 3, device=x.device, dtype=x.dtype)
-    kernel[1, 1] = 5.0
-    kernel = (kernel / 13.0).expand(c, 1, 3, 3)
+    """PIL's ``ImageFilter.SMOOTH`` (3x3, centre 5, others 1, /13); the one-pixel border is left as it is.
+
+    Summed with shifted adds, not a convolution: integer sums are exact in float32, where a GPU convolution may run in
+    TF32 and move rounded pixels.
+    """
+    h, w = x.shape[-2:]
+    total = 4 * x[..., 1:-1, 1:-1]
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            total = total + x[..., dy : dy + h - 2, dx : dx + w - 2]
     out = x.clone()
-    out[..., 1:-1, 1:-1] = F.conv2d(x, kernel, groups=c)
-    return out.round()
+    out[..., 1:-1, 1:-1] = torch.round(total / 13.0)
+    return out
 
 
 def _autocontrast(x: Tensor) -> Tensor:
     """PIL's ``ImageOps.autocontrast`` (no cutoff): each channel stretched to [0, 255]; flat channels kept."""
-    lo = x.amin(dim=(2, 3), keepdim=True)
-    hi = x.amax(dim=(2, 3), keepdim=True)
-    scale = 255.0 / (hi - lo).clamp_min(1.0)
-    return torch.where(hi > lo, torch.floor((x - lo) * scale), x)
+    lo = x.amin(dim=(2, 3), keepdim=True).double()
+    hi = x.amax(dim=(2, 3), keepdim=True).double()
+    scale = torch.full_like(hi, 255.0) / (hi - lo).clamp_min(1.0)  # a true division (255.0 / t is 255 * (1 / t))
+    stretched = torch.floor(x.double() * scale - lo * scale).clamp(0, 255)  # PIL: int(i * scale + offset), doubles
+    return torch.where(hi > lo, stretched, x.double()).to(x.dtype)
 
 
 def _equalize(x: Tensor) -> Tensor:
@@ -279,18 +299,20 @@ def _affine(name: str, x: Tensor, arg: Tensor) -> Tensor:
         m = torch.stack([one, zero, zero, zero, one, arg * h], dim=1)
     else:
         raise ValueError(f"unknown RandAugment op {name!r}")
-    m = m.view(n, 2, 3)
-    # grid_sample wants, per output pixel, the input position in [-1, 1] (align_corners=False: -1 is the left edge)
-    ys, xs = torch.meshgrid(
+    m = m.view(n, 2, 3, 1, 1)
+    ys, xs = torch.meshgrid(  # output pixel centres
         torch.arange(h, device=x.device, dtype=x.dtype) + 0.5,
         torch.arange(w, device=x.device, dtype=x.dtype) + 0.5,
         indexing="ij",
     )
-    points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).view(1, h * w, 3)
-    source = points @ m.transpose(1, 2)  # [N, H*W, 2] input positions in pixels
-    grid = torch.stack([source[..., 0] * (2.0 / w) - 1.0, source[..., 1] * (2.0 / h) - 1.0], dim=-1)
-    out = F.grid_sample(x, grid.view(n, h, w, 2), mode="bilinear", padding_mode="border", align_corners=False)
+    # elementwise, not a matmul (which a GPU may run in TF32): [N, H, W] input positions in pixels
+    src_x = m[:, 0, 0] * xs + m[:, 0, 1] * ys + m[:, 0, 2]
+    src_y = m[:, 1, 0] * xs + m[:, 1, 1] * ys + m[:, 1, 2]
+    # grid_sample wants positions in [-1, 1] (align_corners=False: -1 is the left edge)
+    grid = torch.stack([src_x * (2.0 / w) - 1.0, src_y * (2.0 / h) - 1.0], dim=-1)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = torch.floor(out + 1e-3)  # PIL truncates its 8-bit bilinear result (the margin absorbs float error)
     # PIL's bilinear reads the fill where the position lies outside the image, and near the edge blends with the
     # edge pixels repeated (the border padding above)
-    inside = (source >= 0).all(-1) & (source[..., 0] < w) & (source[..., 1] < h)
-    return torch.where(inside.view(n, 1, h, w), out, torch.full_like(out, _FILL))
+    inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)
+    return torch.where(inside[:, None], out, torch.full_like(out, _FILL))

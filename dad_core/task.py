@@ -60,12 +60,13 @@ def mix_batch(
 def random_erase(
     tensors: list[Tensor], *, prob: float, rng: np.random.Generator, mean: Tensor, std: Tensor
 ) -> list[Tensor]:
-    """timm's RandomErasing as DeiT trains with it (``mode="pixel"``, one box), batched on the images' device.
+    """timm's RandomErasing with DeiT's settings (``mode="pixel"``, one box), batched on the images' device.
 
     Each sample, with probability ``prob``, gets a box of 2-33 % of its area with aspect ratio in [0.3, 3.3] (ten
     tries, as timm), filled with per-pixel Gaussian noise that the student's normalization turns into N(0, 1): timm
     erases after normalizing, these images are normalized inside the student. Every tensor gets the sample's box (a
-    clean image and its DAD sample alike), each its own noise.
+    clean image and its DAD sample alike), each its own noise. One difference of place: timm erases in the dataset
+    transform, before mixup/cutmix blends the noise; :class:`DADTask` erases in the step, after mixing.
 
     Args:
         tensors: ``[B, C, H, W]`` images in [0, 1].

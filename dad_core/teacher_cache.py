@@ -317,7 +317,7 @@ def _check_deps(root: Path, deps: dict[str, Any]) -> None:
     existing = _read_json(root / "deps.json")
     if existing is None:
         atomic_write_json(root / "deps.json", deps)
-    elif existing != deps:
+    elif _with_later_fields(existing) != deps:  # a cache half-written by an older version resumes
         diff = sorted(key for key in set(existing) | set(deps) if existing.get(key) != deps.get(key))
         raise CacheMismatchError(
             f"{root} already holds a cache made from other inputs (differs in: {', '.join(diff)}); "
@@ -574,8 +574,13 @@ _CONFIG_KEYS = {
 }
 
 
-# Dependency fields added after caches were first written, with the value every cache written before then had.
-_ADDED_LATER = {"views": {"randaugment_backend": "pil"}}
+def _with_later_fields(deps: dict[str, Any]) -> dict[str, Any]:
+    """``deps`` with the fields added after caches were first written, set as every cache written before had them:
+    ``views.randaugment_backend`` is ``pil`` for a cache with RandAugment and None for one without."""
+    views = deps.get("views")
+    if not isinstance(views, dict) or "randaugment_backend" in views:
+        return deps
+    return {**deps, "views": {**views, "randaugment_backend": "pil" if views.get("randaugment") else None}}
 
 
 def _config_key(section: str, field: str) -> str | None:
@@ -682,11 +687,13 @@ def load_teacher_cache(
     manifest = _read_json(root / "manifest.json")
     if manifest is None:
         raise CacheMismatchError(f"{root}: no manifest.json; the cache is missing or incomplete (run cache-teacher)")
+    known = _with_later_fields(manifest)
     for key, want in (expected or {}).items():
-        have = manifest.get(key)
+        have = known.get(key)
         if isinstance(want, dict) and isinstance(have, dict):
-            have = {**_ADDED_LATER.get(key, {}), **have}
             diff = [k for k, v in want.items() if v is not None and have.get(k) != v]
+            if key == "views" and {"randaugment", "randaugment_backend"} <= set(diff):
+                diff.remove("randaugment_backend")  # the backend of no RandAugment is no setting to pass
         else:
             diff = [] if have == want else [key]
         if diff:

@@ -88,8 +88,8 @@ class DADPairs(Dataset):
             r, view = None, None
         else:
             r, view = None, _fresh_view(clean, rng, self.crop_scale, self.hflip)
-        if self.on_device:  # the whole image when there is no view: the same resize as the branch below
-            item["view"] = view if view is not None else torch.tensor([0, 0, *clean.shape[1:], 0, 0])
+        if self.on_device:  # no view: the whole image, resized as in the branch below; seed -1: no RandAugment
+            item["view"] = view if view is not None else torch.tensor([0, 0, *clean.shape[1:], 0, -1])
         for name, image in (("clean", clean), ("dad", dad)):
             if self.on_device:
                 item[name] = image  # uint8 as stored; collating copies it out of the memory-mapped shard

@@ -114,7 +114,8 @@ def apply_views(images: Sequence[Tensor], views: Tensor, size: int, *, randaugme
 
     Args:
         images: tensors of uint8 or float ``[B, C, H, W]`` images on one device, all viewed through ``views``.
-        views: ``[B, 6]`` int rows ``(top, left, height, width, flip, seed)``; the seed draws the RandAugment ops.
+        views: ``[B, 6]`` int rows ``(top, left, height, width, flip, seed)``; the seed draws the RandAugment ops
+            (a negative seed: none).
         size: output side.
         randaugment: timm ``rand-...`` string for the tensor backend; "" for none.
 

@@ -572,6 +572,28 @@ def test_tensor_randaugment_views_are_scored_as_the_device_replays_them(numbered
         torch.testing.assert_close(device_batch[key], value, atol=1e-6, rtol=0)
 
 
+def test_without_stored_views_the_device_replay_adds_no_randaugment(numbered_root, tmp_path):
+    """No views (cache.views 0): the whole image and its stored soft labels, as the CPU path uses them."""
+    from torch.utils.data import default_collate
+
+    from dad_core.train_data import DADPairs, replay_views
+
+    _cache_numbered(numbered_root, tmp_path / "cache", "cache.views=0")
+    cache = load_teacher_cache(tmp_path / "cache", num_classes=NUMBERED_CLASSES)
+    kwargs = dict(image_size=32, seed=0, replay=True, with_teacher=True, crop_scale=(0.35, 1.0), hflip=0.0)
+    kwargs.update(randaugment="rand-m9-n3-p1.0", randaugment_backend="tensor")  # every layer applies an op
+    on_cpu, on_device = DADPairs(cache, **kwargs), DADPairs(cache, replay_on_device=True, **kwargs)
+    indices = [0, 9, 50]
+
+    device_batch = replay_views(default_collate([on_device[i] for i in indices]), 32, randaugment="rand-m9-n3-p1.0")
+
+    cpu_batch = default_collate([on_cpu[i] for i in indices])
+    for key, value in cpu_batch.items():
+        torch.testing.assert_close(device_batch[key], value, atol=1e-6, rtol=0)
+    stored = cache.shard(0)["clean"][[0, 9]]  # the numbered images are stored at 32 px: the pixels themselves
+    assert torch.equal((device_batch["clean"][:2] * 255).round().to(torch.uint8), stored)
+
+
 def test_a_cache_is_read_with_the_randaugment_backend_it_was_made_with(numbered_cache, tmp_path):
     import json
 
@@ -591,6 +613,27 @@ def test_a_cache_is_read_with_the_randaugment_backend_it_was_made_with(numbered_
     load_teacher_cache(out, num_classes=NUMBERED_CLASSES, expected={"views": views})
     with pytest.raises(CacheMismatchError, match="randaugment_backend"):
         load_teacher_cache(out, num_classes=NUMBERED_CLASSES, expected=want_tensor)
+    # a cache without RandAugment: the message names train.randaugment alone (no backend to pass for none)
+    (out / "manifest.json").write_text(json.dumps({**manifest, "views": {**older, "randaugment": ""}}))
+    with pytest.raises(CacheMismatchError, match="randaugment") as err:
+        load_teacher_cache(out, num_classes=NUMBERED_CLASSES, expected=want_tensor)
+    assert "pass -p train.randaugment='' to train" in str(err.value) and "backend" not in str(err.value)
+
+
+def test_a_cache_half_written_before_the_backend_was_recorded_resumes(numbered_root, numbered_cache, tmp_path):
+    import json
+
+    out = tmp_path / "cache"
+    shutil.copytree(numbered_cache[0], out)
+    deps = json.loads((out / "deps.json").read_text())
+    assert deps["views"].pop("randaugment_backend") is None  # as an older version wrote it
+    (out / "deps.json").write_text(json.dumps(deps))
+    for path in (out / "manifest.json", out / "shard-00005.pt", out / "shard-00005.json"):
+        path.unlink()
+
+    report = _cache_numbered(numbered_root, out)
+
+    assert report["shards_written"] == [5] and report["complete"]
 
 
 def test_full_verification_hashes_every_shard_up_front_once(numbered_cache, monkeypatch):
