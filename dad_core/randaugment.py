@@ -12,12 +12,12 @@ uint8 rounding after every op. What differs:
 
 * the draws come from ``numpy.random.default_rng(seed)`` per sample, so for one seed the two backends pick other
   ops: a cache made with one backend is never read with the other (the backend is in the cache's dependencies);
-* the geometric ops (rotate, shear, translate) sample bilinearly; timm picks bilinear or bicubic at random;
-* the ops themselves follow PIL's formulas (``ImageOps``, ``ImageEnhance``, PIL's truncated bilinear affine with
-  its edge rule, doubles where PIL uses them): the photometric ops give PIL's pixels exactly, the geometric ones
-  within one gray level where float32 and PIL round a blend across an integer (a few pixels in a thousand;
-  ``tests/dad_core/test_randaugment.py`` compares every op with timm's PIL op). The ops run in float32 with autocast
-  off and without convolutions or matmuls, so a GPU's TF32 or bf16 does not move the pixels.
+* the geometric ops (rotate, shear, translate) sample bilinearly; timm picks bilinear or bicubic at random.
+
+Each op itself computes what timm's PIL op computes, in PIL's own arithmetic (integer and double formulas, float
+blends, PIL's truncated bilinear with its edge rule): for one op and argument the pixels are PIL's, exactly
+(``tests/dad_core/test_randaugment.py`` compares every op with timm's). The ops run with autocast off and without
+convolutions or matmuls, so a GPU's TF32 or bf16 does not move the pixels.
 
 The result depends on the seed and the pixels only, not on the batch it is in or the device (up to the device's
 floating-point rounding), which is what replay needs: the cache writer and the training step call the same function.
@@ -31,7 +31,6 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["RandAugmentSpec", "draw_ops", "parse_randaugment", "rand_augment"]
@@ -182,7 +181,7 @@ def _rand_augment(images: Tensor, seed_list: list[int], spec: RandAugmentSpec) -
         # one host-to-device copy per layer (sample indices grouped by op, and their arguments), not one per op
         flat = [entry for entries in groups.values() for entry in entries]
         rows = _to_device(torch.tensor([i for i, _ in flat]), x.device)
-        args = _to_device(torch.tensor([a for _, a in flat], dtype=torch.float32), x.device)
+        args = _to_device(torch.tensor([a for _, a in flat], dtype=torch.float64), x.device)  # PIL's are doubles
         start = 0
         for name, entries in groups.items():
             index, arg = rows[start : start + len(entries)], args[start : start + len(entries)]
@@ -200,7 +199,7 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
 
 def _apply(name: str, x: Tensor, arg: Tensor) -> Tensor:
     """Op ``name`` on ``[N, C, H, W]`` values in [0, 255] (integers stored as float), with ``[N]`` arguments."""
-    a = arg.view(-1, 1, 1, 1)
+    a = arg.to(x.dtype).view(-1, 1, 1, 1)  # the enhancers blend in float, as PIL's C code does
     if name == "AutoContrast":
         return _autocontrast(x)
     if name == "Equalize":
@@ -280,15 +279,18 @@ def _equalize(x: Tensor) -> Tensor:
 
 
 def _affine(name: str, x: Tensor, arg: Tensor) -> Tensor:
-    """Rotate, ShearX/Y, TranslateX/YRel as PIL's ``Image.transform(AFFINE)``: each output pixel centre ``p`` reads
-    the input at ``M p + t`` (pixel units, origin at the top-left corner), bilinearly; outside reads the fill."""
-    n, _, h, w = x.shape
+    """Rotate, ShearX/Y, TranslateX/YRel as PIL's ``Image.transform(AFFINE)`` with its bilinear filter, in PIL's
+    own arithmetic: each output pixel centre ``p`` reads the input at ``M p + t`` (doubles, pixel units, origin at
+    the top-left corner); a position outside the image reads the fill; inside, the two rows are blended along x and
+    then along y from the four pixels around it (edge pixels repeated) and the result truncated to an integer."""
+    n, c, h, w = x.shape
+    arg = arg.double()
     one, zero = torch.ones_like(arg), torch.zeros_like(arg)
-    if name == "Rotate":  # PIL's rotate: counter-clockwise by `arg` degrees about the centre
-        rad = -torch.deg2rad(arg)
-        cos, sin = torch.cos(rad), torch.sin(rad)
+    if name == "Rotate":  # PIL's rotate: counter-clockwise about the centre, its matrix rounded to 15 decimals
+        rad = -(arg * (math.pi / 180.0))
+        cos, sin = torch.round(torch.cos(rad), decimals=15), torch.round(torch.sin(rad), decimals=15)
         cx, cy = w / 2.0, h / 2.0
-        m = torch.stack([cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy], dim=1)
+        m = torch.stack([cos, sin, (cos * -cx + sin * -cy) + cx, -sin, cos, (-sin * -cx + cos * -cy) + cy], dim=1)
     elif name == "ShearX":
         m = torch.stack([one, arg, zero, zero, one, zero], dim=1)
     elif name == "ShearY":
@@ -301,18 +303,27 @@ def _affine(name: str, x: Tensor, arg: Tensor) -> Tensor:
         raise ValueError(f"unknown RandAugment op {name!r}")
     m = m.view(n, 2, 3, 1, 1)
     ys, xs = torch.meshgrid(  # output pixel centres
-        torch.arange(h, device=x.device, dtype=x.dtype) + 0.5,
-        torch.arange(w, device=x.device, dtype=x.dtype) + 0.5,
+        torch.arange(h, device=x.device, dtype=torch.float64) + 0.5,
+        torch.arange(w, device=x.device, dtype=torch.float64) + 0.5,
         indexing="ij",
     )
     # elementwise, not a matmul (which a GPU may run in TF32): [N, H, W] input positions in pixels
     src_x = m[:, 0, 0] * xs + m[:, 0, 1] * ys + m[:, 0, 2]
     src_y = m[:, 1, 0] * xs + m[:, 1, 1] * ys + m[:, 1, 2]
-    # grid_sample wants positions in [-1, 1] (align_corners=False: -1 is the left edge)
-    grid = torch.stack([src_x * (2.0 / w) - 1.0, src_y * (2.0 / h) - 1.0], dim=-1)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = torch.floor(out + 1e-3)  # PIL truncates its 8-bit bilinear result (the margin absorbs float error)
-    # PIL's bilinear reads the fill where the position lies outside the image, and near the edge blends with the
-    # edge pixels repeated (the border padding above)
     inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)
+    fx, fy = src_x - 0.5, src_y - 0.5
+    x0, y0 = torch.floor(fx), torch.floor(fy)
+    dx, dy = (fx - x0)[:, None], (fy - y0)[:, None]
+    x0, y0 = x0.long(), y0.long()
+    flat = x.double().reshape(n, c, h * w)
+
+    def pixel(yy: Tensor, xx: Tensor) -> Tensor:  # [N, C, H, W] values at clamped integer positions
+        index = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).view(n, 1, h * w).expand(n, c, h * w)
+        return flat.gather(2, index).view(n, c, h, w)
+
+    top_left, top_right = pixel(y0, x0), pixel(y0, x0 + 1)
+    bottom_left, bottom_right = pixel(y0 + 1, x0), pixel(y0 + 1, x0 + 1)
+    top = top_left + (top_right - top_left) * dx
+    bottom = bottom_left + (bottom_right - bottom_left) * dx
+    out = torch.floor(top + (bottom - top) * dy).to(x.dtype)
     return torch.where(inside[:, None], out, torch.full_like(out, _FILL))
