@@ -2,7 +2,8 @@
 
 Timing: a few warm-up calls (the first one also pays for autotuning and ``torch.compile``), then the median of
 ``iters`` timed calls. On a GPU each call is timed with CUDA events and the device is synchronized after it, so
-the time includes any gap where the GPU waits for Python; on the CPU ``time.perf_counter`` brackets the call.
+the time includes any gap where the GPU waits for Python; on the CPU ``time.perf_counter`` brackets the call. A
+benchmark may time ``chain`` calls back to back instead (the training steps: a loop that does not wait per step).
 """
 
 from __future__ import annotations
@@ -144,8 +145,13 @@ class Timing:
     times_s: list[float]
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int, iters: int) -> Timing:
-    """Call ``fn`` ``warmup`` times untimed, then ``iters`` times timed (CUDA events on a GPU)."""
+def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int, iters: int, chain: int = 1) -> Timing:
+    """Call ``fn`` ``warmup`` times untimed, then ``iters`` times timed (CUDA events on a GPU).
+
+    With ``chain`` > 1 each timing covers that many back-to-back calls with no wait between them and reports their
+    mean: a loop that never waits for the GPU queues the next call's host work (Python, kernel launches) while the
+    GPU still runs the previous one, which a wait after every call would expose.
+    """
     first = None
     for i in range(warmup):
         start = time.perf_counter()
@@ -158,14 +164,16 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int, iters: 
         if device.type == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-            fn()
+            for _ in range(chain):
+                fn()
             end.record()
             end.synchronize()
-            times.append(begin.elapsed_time(end) / 1000.0)
+            times.append(begin.elapsed_time(end) / 1000.0 / chain)
         else:
             start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+            for _ in range(chain):
+                fn()
+            times.append((time.perf_counter() - start) / chain)
     return Timing(statistics.median(times), min(times), first, times)
 
 
@@ -306,14 +314,20 @@ def measure(
     warmup: int,
     iters: int,
     images_per_step: int,
+    chain: int = 1,
     **fields: Any,
 ) -> dict[str, Any]:
-    """Time ``step`` and return one result row; an error (out of memory, say) becomes the row's ``error``."""
+    """Time ``step`` and return one result row; an error (out of memory, say) becomes the row's ``error``.
+
+    ``chain``: steps per timing, back to back (:func:`time_fn`); the row's times stay per step.
+    """
     row: dict[str, Any] = {"name": name, **fields, "images_per_step": images_per_step}
+    if chain > 1:
+        row["chain"] = chain
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        timing = time_fn(step, device, warmup=warmup, iters=iters)
+        timing = time_fn(step, device, warmup=warmup, iters=iters, chain=chain)
     except Exception as err:  # report and go on: one failing row must not lose the others
         row["error"] = f"{type(err).__name__}: {str(err)[:400]}"
         print(f"[bench] row {name} failed: {row['error']}", file=sys.stderr)

@@ -8,10 +8,13 @@
 # a scratch folder put on PYTHONPATH: from bench/wheels when that folder came along (the GPU machines reach no
 # package index; fill it as docs/benchmarks.md says), else from the index. Then bench/run_all.py --full, with the
 # torch.compile rows while the budget lasts; every step rewrites the JSONs and summary.md, so a run stopped at the
-# hard limit keeps what it finished; then bench/throughput.py (issue 15's rows). Knobs: BUDGET_S (default 240), HARD_LIMIT_S (330), COMPILE (1; 0 = no compile
-# rows), FULL (1; 0 = tiny configurations, to try the script on a CPU), RUN_ALL_ARGS (appended), PYTHON (python3),
-# RESULTS (the output folder, default $OUT/bench), THROUGHPUT (1; 0 = skip bench/throughput.py), THROUGHPUT_LIMIT_S
-# (180).
+# hard limit keeps what it finished; bench/throughput.py (issue 15's rows) runs before it. $OUT/bench gets 8 files,
+# the device tool's most: versions.txt, log.txt, throughput.json, the three benchmark JSONs, summary.json and
+# summary.md. Knobs: BUDGET_S (default 240), HARD_LIMIT_S (330), COMPILE (1; 0 = no compile rows), FULL (1; 0 =
+# tiny configurations, to try the script on a CPU), RUN_ALL_ARGS (appended), PYTHON (python3), RESULTS (the output
+# folder, default $OUT/bench), THROUGHPUT (1; 0 = skip bench/throughput.py), THROUGHPUT_ARGS (replace its default
+# --shards 50), THROUGHPUT_LIMIT_S (180), RUN_ALL (1; 0 = skip run_all: a later command runs single benchmarks with
+# PYTHONPATH=/tmp/dad-bench-site).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -75,20 +78,23 @@ for name in ("timm", "open_clip", "diffusers", "numpy"):
         print(name, "IMPORT FAILED:", type(err).__name__, err)
 EOF
 
+# Issue 15's before/after rows first (cache open lazy vs full, loader CPU per image without and with RandAugment,
+# quantizer) with the view replay (and the tensor RandAugment) timed on the GPU: about a minute on 50 shards, and the
+# rows no earlier GPU run measured. THROUGHPUT=0 skips it, THROUGHPUT_LIMIT_S bounds it.
+if [ "${THROUGHPUT:-1}" = "1" ]; then
+    # shellcheck disable=SC2086
+    timeout -s INT "${THROUGHPUT_LIMIT_S:-180}" "$PY" bench/throughput.py ${THROUGHPUT_ARGS:---shards 50} \
+        --json "$RESULTS/throughput.json" 2>&1 | tee "$RESULTS/log.txt"
+fi
+
+[ "${RUN_ALL:-1}" = "0" ] && exit 0
 flags=(--full --compile)
 [ "${FULL:-1}" = "0" ] && flags=("${flags[@]/--full}")
 [ "${COMPILE:-1}" = "0" ] && flags=("${flags[@]/--compile}")
 # shellcheck disable=SC2086
 timeout -s INT "${HARD_LIMIT_S:-330}" "$PY" -m bench.run_all ${flags[*]} --budget-s "${BUDGET_S:-240}" \
-    --json-dir "$RESULTS" ${RUN_ALL_ARGS:-} 2>&1 | tee "$RESULTS/log.txt"
+    --json-dir "$RESULTS" ${RUN_ALL_ARGS:-} 2>&1 | tee -a "$RESULTS/log.txt"
 rc=${PIPESTATUS[0]}
 echo "run_all exit code $rc (124 or 130: stopped at the hard limit; finished steps are in $RESULTS)"
-# Issue 15's before/after rows (cache open lazy vs full, loader CPU per image without and with RandAugment,
-# quantizer) with the view replay (and the tensor RandAugment) timed on the GPU; about a minute on 50 shards.
-# THROUGHPUT=0 skips it, THROUGHPUT_LIMIT_S bounds it.
-if [ "${THROUGHPUT:-1}" = "1" ]; then
-    timeout -s INT "${THROUGHPUT_LIMIT_S:-180}" "$PY" bench/throughput.py --shards 50 \
-        --json "$RESULTS/throughput.json" 2>&1 | tee -a "$RESULTS/log.txt"
-fi
 cat "$RESULTS/summary.md" 2>/dev/null
 exit "$rc"

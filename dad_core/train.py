@@ -400,9 +400,15 @@ def _autocast(cfg: DADConfig, dev: torch.device):
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _to_device(batch: dict[str, torch.Tensor], dev: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:
+def _to_device(
+    batch: dict[str, torch.Tensor], dev: torch.device, channels_last: bool, host_keys: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """``batch`` on ``dev`` (4-d tensors channels-last if asked), except ``host_keys``, which stay where they are."""
     out = {}
     for key, value in batch.items():
+        if key in host_keys:
+            out[key] = value
+            continue
         value = value.to(dev, non_blocking=True)
         if channels_last and value.dim() == 4:
             value = value.contiguous(memory_format=torch.channels_last)
@@ -421,13 +427,15 @@ def _loop(
     )
     channels_last = dev.type == "cuda" and t.channels_last
     run.task.train()
-    seen, start, last = 0, time.perf_counter(), {}
+    seen, start, last, terms = 0, time.perf_counter(), {}, {}
     while st.epoch < t.epochs:
         sampler.set_epoch(st.epoch, st.batch_in_epoch)
         dataset.set_epoch(st.epoch)
         for batch in loader:
-            # train.replay_on_device: the loader sent uint8 images and their views; make the views here, batched
-            batch = _to_device(batch, dev, False)
+            # train.replay_on_device: the loader sent uint8 images and their views; make the views here, batched. The
+            # view rows stay on the host, where the replay reads them: read back from the GPU, they would make the
+            # host wait for the previous step instead of queueing this one's replay behind it.
+            batch = _to_device(batch, dev, False, host_keys=("view",))
             batch = replay_views(batch, cfg.data.image_size, randaugment=t.randaugment)
             batch = _to_device(batch, dev, channels_last)
             sync = (st.batch_in_epoch + 1) % accum == 0
@@ -439,10 +447,13 @@ def _loop(
             seen += batch["label"].shape[0]
             if not sync:
                 continue
-            last = _optimizer_step(run, out)
+            terms = _optimizer_step(run, out)
             bar.update()
-            bar.set_postfix(epoch=st.epoch, loss=f"{last['loss']:.3f}", refresh=False)
+            # the loss terms are read (a wait for the GPU) only every 10 steps: a read per step would keep the host
+            # from queueing the next step's work while the GPU finishes this one
             if st.step % 10 == 0 or st.step == total_steps:
+                last = _as_floats(terms)
+                bar.set_postfix(epoch=st.epoch, loss=f"{last['loss']:.3f}", refresh=False)
                 tracker.log_metrics(
                     {**last, "images_per_s": seen / max(time.perf_counter() - start, 1e-9)}, step=st.step
                 )
@@ -452,6 +463,7 @@ def _loop(
             if t.checkpoint_every and st.step % t.checkpoint_every == 0:
                 _save(run, checkpoint_dir)
         st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+        last = _as_floats(terms) if terms else last
         epoch = {"epoch": st.epoch, **last}
         if st.epoch < t.epochs and is_primary():  # the last epoch's is measured by _finish
             epoch["val_top1"] = validate()
@@ -472,7 +484,8 @@ def _loop(
     }
 
 
-def _optimizer_step(run: _Run, out: dict[str, torch.Tensor]) -> dict[str, float]:
+def _optimizer_step(run: _Run, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
+    """Clip, step, schedule and EMA; returns the step's loss terms (detached tensors, not read yet) and the lr."""
     if run.cfg.train.clip_grad:
         torch.nn.utils.clip_grad_norm_(run.task.student.parameters(), run.cfg.train.clip_grad)
     run.optimizer.step()
@@ -481,8 +494,12 @@ def _optimizer_step(run: _Run, out: dict[str, torch.Tensor]) -> dict[str, float]
     run.scheduler.step_update(num_updates=run.state.step)
     if run.ema is not None:
         run.ema.update(unwrap_model(run.task.student), step=run.state.step)
-    terms = {k: float(v.detach()) for k, v in out.items() if k != "output" and v.dim() == 0}
+    terms = {k: v.detach() for k, v in out.items() if k != "output" and v.dim() == 0}
     return {**terms, "lr": run.optimizer.param_groups[0]["lr"]}
+
+
+def _as_floats(terms: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    return {k: float(v) for k, v in terms.items()}
 
 
 def _save(run: _Run, directory: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import time
 
 import pytest
 import torch
@@ -200,7 +201,7 @@ def test_the_replay_rows_make_the_views_in_the_step(tmp_path, monkeypatch):
     replay = dad_core.train_data.replay_views
 
     def spy(batch, size, *, randaugment=""):
-        calls.append((batch["clean"].dtype, tuple(batch["view"].shape), size, randaugment))
+        calls.append((batch["clean"].dtype, tuple(batch["view"].shape), batch["view"].device.type, size, randaugment))
         return replay(batch, size, randaugment=randaugment)
 
     monkeypatch.setattr(dad_core.train_data, "replay_views", spy)
@@ -211,10 +212,30 @@ def test_the_replay_rows_make_the_views_in_the_step(tmp_path, monkeypatch):
 
     result = json.loads(path.read_text())
     assert [r["name"] for r in result["rows"]] == [f"resnet10t/{r}" for r in rows.split(",")]
-    assert {(torch.uint8, (4, 6), 32, "")} == {c for c in calls if not c[3]}
-    assert {(torch.uint8, (4, 6), 32, training.RANDAUGMENT)} == {c for c in calls if c[3]}
+    # the view rows reach the replay on the host, as the training loop leaves them
+    assert {(torch.uint8, (4, 6), "cpu", 32, "")} == {c for c in calls if not c[4]}
+    assert {(torch.uint8, (4, 6), "cpu", 32, training.RANDAUGMENT)} == {c for c in calls if c[4]}
     names = {r["name"] for r in result["ratios"]}
     assert {
         "resnet10t/cached-replay / resnet10t/plain",
         "resnet10t/cached-replay-randaugment / resnet10t/plain",
     } <= names
+
+
+def test_chained_timing_runs_the_steps_back_to_back_and_reports_per_step():
+    """``chain``: each timing covers that many calls with no wait between them; times and rates stay per step."""
+    from bench import _common as common
+
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(0.002)
+
+    row = common.measure("x", step, torch.device("cpu"), warmup=2, iters=3, chain=4, images_per_step=8)
+
+    assert len(calls) == 2 + 3 * 4
+    assert row["chain"] == 4 and len(row["times_ms"]) == 3
+    assert 2 <= row["ms_per_step"] < 8  # one step's time (2 ms of sleep), not the chain's
+    assert row["images_per_s"] == pytest.approx(8 / (row["ms_per_step"] / 1000), rel=1e-2)
+    assert "chain" not in common.measure("y", lambda: None, torch.device("cpu"), warmup=0, iters=1, images_per_step=1)

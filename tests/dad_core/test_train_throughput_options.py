@@ -88,3 +88,13 @@ def test_a_corrupt_shard_stops_training_naming_the_file(digits_root, cache_dir, 
 
     with pytest.raises(CacheMismatchError, match=r"shard-00003\.pt: checksum mismatch"):
         fit(_cfg(), digits_root, cache, tmp_path / "run", progress=False, tracker=NullTracker())
+
+
+def test_the_view_rows_stay_on_the_host_while_the_batch_goes_to_the_device():
+    """The replay reads the view rows on the host: sent to the GPU, reading them back would wait for the last step."""
+    from dad_core.train import _to_device
+
+    batch = {"clean": torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "view": torch.zeros(2, 6, dtype=torch.long)}
+    moved = _to_device(batch, torch.device("meta"), False, host_keys=("view",))
+
+    assert moved["clean"].device.type == "meta" and moved["view"] is batch["view"]
