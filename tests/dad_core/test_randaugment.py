@@ -166,6 +166,21 @@ def test_the_result_depends_on_the_seed_and_pixels_only():
         rand_augment(images, [1, 2], RAND)
 
 
+def test_samples_with_different_geometric_ops_in_one_layer_resample_together_exactly():
+    """A layer's geometric ops go through one resampling call: each sample still gets exactly its own op."""
+    images = torch.cat([_image(seed, (40, 36)) for seed in range(24)]) / 255
+    seeds = list(range(100, 124))
+    spec = parse_randaugment("rand-m9-n3-p1.0-mstd0.5")
+    first_layer = {ops[0][0] for ops in (draw_ops(seed, spec) for seed in seeds)}
+    assert len(first_layer & {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}) >= 2
+
+    batch = rand_augment(images, seeds, "rand-m9-n3-p1.0-mstd0.5")
+
+    for i in range(24):
+        alone = rand_augment(images[i : i + 1], [seeds[i]], "rand-m9-n3-p1.0-mstd0.5")[0]
+        assert torch.equal(alone, batch[i])
+
+
 def test_apply_view_and_the_batched_replay_agree_with_the_tensor_backend():
     gen = torch.Generator().manual_seed(0)
     clean = torch.randint(0, 256, (4, 3, 40, 40), generator=gen, dtype=torch.uint8)
