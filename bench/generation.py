@@ -14,7 +14,8 @@ the clean and the DAD image (DESIGN §3.3). Rows:
 * ``product-bf16-decoder``, ``product-bf16``: the same with ``vqgan.precision`` ``bf16-decoder`` (same codes, the
   decoder in bf16) or ``bf16`` (encoder and decoder in bf16); on a CPU (no autocast) they run what ``product`` runs.
 * ``cache-shard``: the product's whole per-shard computation, ``teacher_cache._make_shard`` on an in-memory batch:
-  the above plus uint8 storage rounding, and the soft labels of R stored views of both images (cropped on the device).
+  the above plus uint8 storage rounding, the soft labels of R stored views of both images (cropped on the device),
+  and the attack-survival diagnostics on the share of images a 1,024-image shard gives them (2 of 64).
 * ``product-compiled``, ``product-bf16-decoder-compiled``, ``product-bf16-compiled`` (``--compile``): the product
   rows with ``torch.compile`` on the VQGAN encoder/decoder and teacher, what ``cache.compile: true`` does (the other
   rows are ``cache.compile: false``).
@@ -246,12 +247,34 @@ def _cache_config(shape: dict[str, Any], batch_size: int):
     )
 
 
+RECIPE_SHARD_SIZE = 1024  # cache.shard_size of the README's ImageNet configuration
+
+
+def diagnostic_images(batch_size: int) -> int:
+    """Images the benchmark's one-batch shard diagnoses: the product diagnoses the first
+    ``teacher_cache.DIAGNOSTIC_IMAGES`` (32) of each shard, 3 % of a 1,024-image shard; the same share of the batch
+    (2 of 64), not 32 of 64, which would add a VQ round trip and four teacher forwards for half the batch."""
+    from dad_core import teacher_cache
+
+    return max(1, round(teacher_cache.DIAGNOSTIC_IMAGES * batch_size / RECIPE_SHARD_SIZE))
+
+
 def _shard_step(teacher, vqgan, images: Tensor, labels: Tensor, cfg, device: torch.device):
-    """The product's per-shard computation on an in-memory dataset of this batch (CPU images, as a loader gives)."""
-    from dad_core.teacher_cache import _make_shard  # private: the benchmark times the product's own shard code
+    """The product's per-shard computation on an in-memory dataset of this batch (CPU images, as a loader gives),
+    with the survival diagnostics on the share of images a recipe-sized shard gives them (:func:`diagnostic_images`)."""
+    from dad_core import teacher_cache
 
     dataset = list(zip(images.cpu(), labels.cpu().tolist(), strict=True))
-    return lambda: _make_shard(teacher, vqgan, dataset, list(range(len(dataset))), cfg, 0, device)
+    share = diagnostic_images(len(dataset))
+
+    def step():
+        saved, teacher_cache.DIAGNOSTIC_IMAGES = teacher_cache.DIAGNOSTIC_IMAGES, share
+        try:  # private: the benchmark times the product's own shard code
+            return teacher_cache._make_shard(teacher, vqgan, dataset, list(range(len(dataset))), cfg, 0, device)
+        finally:
+            teacher_cache.DIAGNOSTIC_IMAGES = saved
+
+    return step
 
 
 def _bf16(step, device_type: str):

@@ -239,3 +239,19 @@ def test_chained_timing_runs_the_steps_back_to_back_and_reports_per_step():
     assert 2 <= row["ms_per_step"] < 8  # one step's time (2 ms of sleep), not the chain's
     assert row["images_per_s"] == pytest.approx(8 / (row["ms_per_step"] / 1000), rel=1e-2)
     assert "chain" not in common.measure("y", lambda: None, torch.device("cpu"), warmup=0, iters=1, images_per_step=1)
+
+
+def test_the_shard_rows_diagnose_the_share_of_a_recipe_sized_shard(monkeypatch):
+    """A one-batch shard of 64 diagnoses 2 images, as a 1,024-image shard diagnoses 32, and the product's constant
+    is restored after each step."""
+    from bench import generation
+    from dad_core import teacher_cache
+
+    seen = []
+    monkeypatch.setattr(teacher_cache, "_make_shard", lambda *a: seen.append(teacher_cache.DIAGNOSTIC_IMAGES))
+    images, labels = torch.zeros(64, 3, 8, 8), torch.zeros(64, dtype=torch.long)
+
+    generation._shard_step(None, None, images, labels, None, torch.device("cpu"))()
+
+    assert seen == [2] and teacher_cache.DIAGNOSTIC_IMAGES == 32
+    assert generation.diagnostic_images(16) == 1
