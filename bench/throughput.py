@@ -106,7 +106,8 @@ def _replay_seconds(
     from dad_core.train_data import replay_views
 
     on_gpu = device.type == "cuda"
-    moved = [{k: v if k == "view" else v.to(device) for k, v in b.items()} for b in batches]  # rows stay on the host
+    host = ("view", "randaugment")  # read on the host, as the training loop leaves them
+    moved = [{k: v if k in host else v.to(device) for k, v in b.items()} for b in batches]
     replay_views(moved[0], image_size, randaugment=randaugment)  # warm-up (kernel selection, allocator)
     if on_gpu:
         torch.cuda.synchronize(device)

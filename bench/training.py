@@ -71,8 +71,10 @@ def _batch(
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def _replay_batch(batch: dict[str, Tensor], size: int, seed: int) -> dict[str, Tensor]:
-    """``batch`` as ``train.replay_on_device`` yields it: uint8 stored images and a ``[B, 6]`` view row each."""
+def _replay_batch(batch: dict[str, Tensor], size: int, seed: int, randaugment: str = "") -> dict[str, Tensor]:
+    """``batch`` as ``train.replay_on_device`` yields it: uint8 stored images, a ``[B, 6]`` view row each and, with
+    ``randaugment``, the views' draws (``DADPairs`` makes them in the loader workers)."""
+    from dad_core.randaugment import encode_ops
     from dad_core.views import sample_view
 
     rng = np.random.default_rng(seed)
@@ -84,6 +86,8 @@ def _replay_batch(batch: dict[str, Tensor], size: int, seed: int) -> dict[str, T
     for name in ("clean", "dad"):
         out[name] = (batch[name] * 255).round().to(torch.uint8)
     out["view"] = torch.tensor(rows)  # on the host, as the loader yields it and the training step reads it
+    if randaugment:
+        out["randaugment"] = torch.stack([encode_ops(row[5], randaugment) for row in rows])
     return out
 
 
@@ -133,7 +137,7 @@ def _step_fn(
     from dad_core.train import _to_device  # private: the benchmark runs the product loop's own batch handling
 
     def step() -> Tensor:
-        b = _to_device(batch, device, channels_last, host_keys=("view",))
+        b = _to_device(batch, device, channels_last, host_keys=("view", "randaugment"))
         if prepare is not None:
             b = prepare(b)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -196,7 +200,7 @@ def _row(
     if replay:
         randaugment = RANDAUGMENT if kind.endswith("randaugment") else ""
         prepare = _replay(shape["image_size"], randaugment, device, channels_last)
-        batch = _replay_batch(batch, shape["image_size"], args.seed)
+        batch = _replay_batch(batch, shape["image_size"], args.seed, randaugment)
     step = _step_fn(
         forward,
         optimizer,

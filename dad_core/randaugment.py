@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["RandAugmentSpec", "draw_ops", "parse_randaugment", "rand_augment"]
+__all__ = ["RandAugmentSpec", "draw_ops", "encode_ops", "parse_randaugment", "rand_augment"]
 
 _LEVEL_DENOM = 10.0
 _GEOMETRIC = frozenset(("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"))
@@ -152,27 +152,49 @@ def draw_ops(seed: int, spec: RandAugmentSpec) -> list[tuple[str, float] | None]
     return out
 
 
-def rand_augment(images: Tensor, seeds: Tensor | list[int], config: str) -> Tensor:
+def encode_ops(seed: int, config: str) -> Tensor:
+    """One sample's draws (:func:`draw_ops`) as float64 ``[num_layers, 2]`` rows: the op's index in the policy's op
+    list (-1 where the layer is skipped) and its argument. A loader worker makes them, so the training step, which
+    replays them with ``rand_augment(..., drawn=...)``, spends no Python on drawing (about 40 us a sample)."""
+    spec = parse_randaugment(config)
+    rows = [[spec.ops.index(op[0]), op[1]] if op else [-1, 0.0] for op in draw_ops(seed, spec)]
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def rand_augment(
+    images: Tensor, seeds: Tensor | list[int] | None, config: str, *, drawn: Tensor | None = None
+) -> Tensor:
     """RandAugment ``config`` on float ``[B, C, H, W]`` images in [0, 1], sample i drawn from ``seeds[i]``.
 
     Samples that drew the same op in the same layer go through it together, so a batch costs about two batched
     calls per op of the policy, whatever its size.
 
+    Args:
+        images: float ``[B, C, H, W]`` in [0, 1].
+        seeds: each sample's seed (:func:`draw_ops`); None when ``drawn`` is given.
+        config: timm ``rand-...`` string.
+        drawn: the draws already made, ``[B, num_layers, 2]`` rows of :func:`encode_ops` (read on the host: pass a
+            CPU tensor); the same pixels as drawing from the seeds.
+
     Returns:
         float32 ``[B, C, H, W]`` in [0, 1], on the images' device, on the uint8 grid (as PIL's output would be).
     """
-    seed_list = seeds.detach().cpu().tolist() if isinstance(seeds, Tensor) else list(seeds)
-    if len(seed_list) != images.shape[0]:
-        raise ValueError(f"{len(seed_list)} seeds for {images.shape[0]} images")
+    spec = parse_randaugment(config)
+    if drawn is not None:
+        ops = [[None if op < 0 else (spec.ops[int(op)], arg) for op, arg in rows] for rows in drawn.tolist()]
+    else:
+        seed_list = seeds.detach().cpu().tolist() if isinstance(seeds, Tensor) else list(seeds)
+        # drawn once per seed: a clean image and its DAD sample share their view's seed
+        by_seed = {seed: draw_ops(seed, spec) for seed in dict.fromkeys(seed_list)}
+        ops = [by_seed[seed] for seed in seed_list]
+    if len(ops) != images.shape[0]:
+        raise ValueError(f"{len(ops)} {'draws' if drawn is not None else 'seeds'} for {images.shape[0]} images")
     # exact float32 (and float64 where PIL uses doubles) whatever the caller's autocast: bf16 would move pixels
     with torch.autocast(images.device.type, enabled=False):
-        return _rand_augment(images, seed_list, parse_randaugment(config))
+        return _rand_augment(images, ops, spec)
 
 
-def _rand_augment(images: Tensor, seed_list: list[int], spec: RandAugmentSpec) -> Tensor:
-    # drawn once per seed: a clean image and its DAD sample share their view's seed (about 40 us a draw on a CPU core)
-    by_seed = {seed: draw_ops(seed, spec) for seed in dict.fromkeys(seed_list)}
-    drawn = [by_seed[seed] for seed in seed_list]
+def _rand_augment(images: Tensor, drawn: list[list[tuple[str, float] | None]], spec: RandAugmentSpec) -> Tensor:
     x = (images.float().clamp(0, 1) * 255).round()  # the uint8 image PIL would get, as floats on the device
     for layer in range(spec.num_layers):
         groups: dict[str, list[tuple[int, float]]] = {}

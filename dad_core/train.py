@@ -433,9 +433,9 @@ def _loop(
         dataset.set_epoch(st.epoch)
         for batch in loader:
             # train.replay_on_device: the loader sent uint8 images and their views; make the views here, batched. The
-            # view rows stay on the host, where the replay reads them: read back from the GPU, they would make the
-            # host wait for the previous step instead of queueing this one's replay behind it.
-            batch = _to_device(batch, dev, False, host_keys=("view",))
+            # view rows and RandAugment draws stay on the host, where the replay reads them: read back from the GPU,
+            # they would make the host wait for the previous step instead of queueing this one's replay behind it.
+            batch = _to_device(batch, dev, False, host_keys=("view", "randaugment"))
             batch = replay_views(batch, cfg.data.image_size, randaugment=t.randaugment)
             batch = _to_device(batch, dev, channels_last)
             sync = (st.batch_in_epoch + 1) % accum == 0

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from dad_core.randaugment import encode_ops
 from dad_core.teacher_cache import TeacherCache
 from dad_core.views import apply_view, apply_views, sample_view
 
@@ -37,8 +38,9 @@ class DADPairs(Dataset):
     stored soft labels are used.
 
     ``replay_on_device=True`` (``train.replay_on_device``) leaves the pixels to the training step: items hold the
-    stored uint8 ``clean``/``dad`` images and the ``[6]`` ``view`` to replay (the same view the CPU path would
-    apply), and :func:`replay_views` turns a batch of them into views on the device. With ``randaugment`` it needs
+    stored uint8 ``clean``/``dad`` images, the ``[6]`` ``view`` to replay (the same view the CPU path would
+    apply) and, with RandAugment, its draws (``randaugment``, :func:`~dad_core.randaugment.encode_ops`), and
+    :func:`replay_views` turns a batch of them into views on the device. With ``randaugment`` it needs
     ``randaugment_backend="tensor"``; with the ``pil`` backend it is ignored, with a warning: timm's RandAugment runs
     on PIL images and has no identical device form.
     """
@@ -90,6 +92,8 @@ class DADPairs(Dataset):
             r, view = None, _fresh_view(clean, rng, self.crop_scale, self.hflip)
         if self.on_device:  # no view: the whole image, resized as in the branch below; seed -1: no RandAugment
             item["view"] = view if view is not None else torch.tensor([0, 0, *clean.shape[1:], 0, -1])
+            if self.randaugment:  # the view's RandAugment draws, made here so the training step only applies them
+                item["randaugment"] = encode_ops(int(item["view"][5]), self.randaugment)
         for name, image in (("clean", clean), ("dad", dad)):
             if self.on_device:
                 item[name] = image  # uint8 as stored; collating copies it out of the memory-mapped shard
@@ -110,20 +114,23 @@ def replay_views(batch: dict[str, Tensor], image_size: int, *, randaugment: str 
     """Turn a ``replay_on_device`` batch into the batch the CPU replay yields, on the batch's device.
 
     Args:
-        batch: a collated :class:`DADPairs` batch with uint8 ``[B, 3, H, W]`` ``clean``/``dad`` and ``[B, 6]``
-            ``view``; a batch without ``view`` is returned as it is.
+        batch: a collated :class:`DADPairs` batch with uint8 ``[B, 3, H, W]`` ``clean``/``dad``, ``[B, 6]``
+            ``view`` and, with RandAugment, the ``[B, layers, 2]`` ``randaugment`` draws (both on the host); a batch
+            without ``view`` is returned as it is.
         image_size: the side of the views.
         randaugment: the run's ``train.randaugment``; only read for a batch with ``view``, which
             :class:`DADPairs` yields with RandAugment only for the ``tensor`` backend.
 
     Returns:
-        The batch with float ``[B, 3, image_size, image_size]`` views in [0, 1] and no ``view`` key.
+        The batch with float ``[B, 3, image_size, image_size]`` views in [0, 1] and no ``view`` or ``randaugment``.
     """
     if "view" not in batch:
         return batch
-    out = {key: value for key, value in batch.items() if key != "view"}
+    out = {key: value for key, value in batch.items() if key not in ("view", "randaugment")}
     names = [name for name in ("clean", "dad") if name in batch]
-    views = apply_views([batch[name] for name in names], batch["view"], image_size, randaugment=randaugment)
+    images = [batch[name] for name in names]
+    drawn = batch.get("randaugment") if randaugment else None
+    views = apply_views(images, batch["view"], image_size, randaugment=randaugment, drawn=drawn)
     out.update(zip(names, views, strict=True))
     return out
 

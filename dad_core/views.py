@@ -100,7 +100,9 @@ def apply_view(
     return x.clamp(0, 1)
 
 
-def apply_views(images: Sequence[Tensor], views: Tensor, size: int, *, randaugment: str = "") -> list[Tensor]:
+def apply_views(
+    images: Sequence[Tensor], views: Tensor, size: int, *, randaugment: str = "", drawn: Tensor | None = None
+) -> list[Tensor]:
     """:func:`apply_view` for a batch, on the images' device (``train.replay_on_device``), with the ``tensor``
     RandAugment backend.
 
@@ -118,6 +120,8 @@ def apply_views(images: Sequence[Tensor], views: Tensor, size: int, *, randaugme
             (a negative seed: none).
         size: output side.
         randaugment: timm ``rand-...`` string for the tensor backend; "" for none.
+        drawn: the views' RandAugment draws made in the loader (``[B, layers, 2]``,
+            :func:`dad_core.randaugment.encode_ops` of each view's seed, on the host), or None to draw from the seeds.
 
     Returns:
         For each tensor of ``images``, float32 ``[B, C, size, size]`` in [0, 1].
@@ -135,8 +139,11 @@ def apply_views(images: Sequence[Tensor], views: Tensor, size: int, *, randaugme
     if randaugment:  # every tensor of `images` gets its sample's ops (a clean image and its DAD sample alike)
         from dad_core.randaugment import rand_augment
 
-        seeds = [row[5] for row in boxes] * out.shape[0]
-        out = rand_augment(out.flatten(0, 1), seeds, randaugment).view_as(out)
+        if drawn is not None:
+            out = rand_augment(out.flatten(0, 1), None, randaugment, drawn=drawn.repeat(out.shape[0], 1, 1))
+        else:
+            out = rand_augment(out.flatten(0, 1), [row[5] for row in boxes] * out.shape[0], randaugment)
+        out = out.view(*stack.shape[:3], size, size)
     return list(out.clamp_(0, 1).unbind(0))
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dad_core.randaugment import RandAugmentSpec, _apply, draw_ops, parse_randaugment, rand_augment
+from dad_core.randaugment import RandAugmentSpec, _apply, draw_ops, encode_ops, parse_randaugment, rand_augment
 from dad_core.views import ViewSpec, apply_view, apply_views
 
 RAND = "rand-m9-mstd0.5-inc1"
@@ -164,6 +164,21 @@ def test_the_result_depends_on_the_seed_and_pixels_only():
     assert len({tuple(o.flatten()[:64].tolist()) for o in outs}) > 4  # other seeds, other ops
     with pytest.raises(ValueError, match="2 seeds for 6 images"):
         rand_augment(images, [1, 2], RAND)
+
+
+def test_draws_made_ahead_give_the_pixels_of_drawing_from_the_seeds():
+    """``encode_ops`` in a loader worker, ``rand_augment(drawn=...)`` in the step: the same ops, the same pixels."""
+    images = torch.cat([_image(seed, (40, 36)) for seed in range(8)]) / 255
+    seeds = [5, 6, 7, 8, -1, 9, 10, 5]
+    drawn = torch.stack([encode_ops(seed, RAND) for seed in seeds])
+
+    assert drawn.shape == (8, 2, 2) and drawn.dtype == torch.float64
+    assert drawn[4, :, 0].tolist() == [-1, -1]  # a negative seed: no op in either layer
+    spec = parse_randaugment(RAND)
+    assert [None if i < 0 else (spec.ops[int(i)], a) for i, a in drawn[0].tolist()] == draw_ops(5, spec)
+    assert torch.equal(rand_augment(images, None, RAND, drawn=drawn), rand_augment(images, seeds, RAND))
+    with pytest.raises(ValueError, match="3 draws for 8 images"):
+        rand_augment(images, None, RAND, drawn=drawn[:3])
 
 
 def test_samples_with_different_geometric_ops_in_one_layer_resample_together_exactly():

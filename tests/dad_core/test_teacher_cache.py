@@ -537,6 +537,7 @@ def test_tensor_randaugment_views_are_scored_as_the_device_replays_them(numbered
     pixels, on the device (replay_views) as in the loader (DADPairs)."""
     from torch.utils.data import default_collate
 
+    from dad_core.randaugment import encode_ops
     from dad_core.train_data import DADPairs, replay_views
 
     cfg = _numbered_cfg(*RAND_TENSOR)
@@ -563,6 +564,8 @@ def test_tensor_randaugment_views_are_scored_as_the_device_replays_them(numbered
     kwargs.update(randaugment=cfg.train.randaugment, randaugment_backend="tensor")
     on_cpu, on_device = DADPairs(cache, **kwargs), DADPairs(cache, replay_on_device=True, **kwargs)
     indices = [0, 7, 30, 99, 140]
+    item = on_device[7]  # the loader draws the view's RandAugment; the step only applies it
+    assert torch.equal(item["randaugment"], encode_ops(int(item["view"][5]), cfg.train.randaugment))
     device_batch = replay_views(
         default_collate([on_device[i] for i in indices]), size, randaugment=cfg.train.randaugment
     )
