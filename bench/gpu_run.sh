@@ -85,9 +85,11 @@ if [ "${THROUGHPUT:-1}" = "1" ]; then
     # shellcheck disable=SC2086
     timeout -s INT "${THROUGHPUT_LIMIT_S:-180}" "$PY" bench/throughput.py ${THROUGHPUT_ARGS:---shards 50} \
         --json "$RESULTS/throughput.json" 2>&1 | tee "$RESULTS/log.txt"
+    throughput_rc=${PIPESTATUS[0]}
+    [ "$throughput_rc" = "0" ] || echo "bench/throughput.py exit code $throughput_rc (124 or 130: stopped at its limit)"
 fi
 
-[ "${RUN_ALL:-1}" = "0" ] && exit 0
+[ "${RUN_ALL:-1}" = "0" ] && exit "${throughput_rc:-0}"
 flags=(--full --compile)
 [ "${FULL:-1}" = "0" ] && flags=("${flags[@]/--full}")
 [ "${COMPILE:-1}" = "0" ] && flags=("${flags[@]/--compile}")

@@ -1,11 +1,13 @@
 """Where the tensor RandAugment's time goes: each op of timm's ``rand-...-inc1`` policy on a batch, timed alone.
 
 Prints one row per op (ms per call on ``--images`` images of ``--size`` px, CUDA events on a GPU, CPU time
-otherwise) and, for the whole step, ``apply_views`` on a batch of clean + DAD images with and without
-RandAugment, timed back to back as the training loop runs it. The ops go through
-``dad_core.randaugment._apply``, the function the batched RandAugment calls per group of samples.
+otherwise) as the batched RandAugment runs it for a group of samples: the photometric ops through
+``dad_core.randaugment._apply``, the geometric ones through ``_resample`` (a layer's geometric ops share one such
+call, row ``geometric, merged``: the five ops' matrices on ``--images`` images). Then, for the whole step,
+``apply_views`` on a batch of clean + DAD images with and without RandAugment, with the draws made ahead as the
+loader workers make them, timed back to back as the training loop runs it.
 
-    python bench/randaugment_ops.py                       # GPU when there is one; 43 images (a layer's share)
+    python bench/randaugment_ops.py                       # GPU when there is one; 9 images (a group's share)
     python bench/randaugment_ops.py --images 4 --size 32  # the test's size
 """
 
@@ -28,30 +30,40 @@ POLICY = "rand-m9-mstd0.5-inc1"
 
 
 def run(args: argparse.Namespace) -> dict:
-    from dad_core.randaugment import _apply, parse_randaugment
+    from dad_core.randaugment import _GEOMETRIC, _affine_matrix, _apply, _resample, encode_ops, parse_randaugment
     from dad_core.views import apply_views, sample_view
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (args.images, 3, args.size, args.size), generator=gen).float().to(device)
     arg = torch.full((args.images,), 0.5, dtype=torch.float64, device=device)
-    rows = []
+    rows, h, w = [], args.size, args.size
     for name in parse_randaugment(POLICY).ops:
-        op_arg = arg * (30.0 if name == "Rotate" else 0.3 if name.startswith(("Shear", "Translate")) else 4.0)
-        timing = common.time_fn(lambda n=name, a=op_arg: _apply(n, x, a), device, warmup=2, iters=args.iters)
+        if name in _GEOMETRIC:
+            a = arg * (30.0 if name == "Rotate" else 0.3)
+            op = lambda n=name, a=a: _resample(x, _affine_matrix(n, a, h, w))  # noqa: E731
+        else:
+            op = lambda n=name: _apply(n, x, arg * 4.0)  # noqa: E731
+        timing = common.time_fn(op, device, warmup=2, iters=args.iters)
         rows.append({"op": name, "ms": round(timing.median_s * 1e3, 3)})
-    # the whole replay, as a training step makes it: B clean + B DAD images, uint8 stored images, view rows on the host
+    names = sorted(_GEOMETRIC)
+    merged = torch.cat([_affine_matrix(names[i % 5], arg[i : i + 1] * 0.3, h, w) for i in range(args.images)])
+    timing = common.time_fn(lambda: _resample(x, merged), device, warmup=2, iters=args.iters)
+    rows.append({"op": "geometric, merged", "ms": round(timing.median_s * 1e3, 3)})
+    # the whole replay, as a training step makes it: B clean + B DAD uint8 images, the view rows and their RandAugment
+    # draws on the host (the loader workers made them)
     rng = np.random.default_rng(0)
     views = []
     for _ in range(args.batch):
         v = sample_view(args.size, args.size, rng, scale=(0.08, 1.0), hflip=0.5)
         views.append([v.top, v.left, v.height, v.width, int(v.flip), v.seed])
+    drawn = torch.stack([encode_ops(view[5], POLICY) for view in views])
     views = torch.tensor(views)
     images = [torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8).to(device) for _ in "cd"]
     steps = {}
     for label, policy in (("replay", ""), ("replay+randaugment", POLICY)):
         timing = common.time_fn(
-            lambda p=policy: apply_views(images, views, args.size, randaugment=p),
+            lambda p=policy: apply_views(images, views, args.size, randaugment=p, drawn=drawn if p else None),
             device,
             warmup=2,
             iters=args.iters,
@@ -71,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=43, help="images per op call (a layer's share of 256: 256/2/3)")
+    parser.add_argument("--images", type=int, default=9, help="images per op call (a group's share: 256 / 2 / 15)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=128, help="samples of the whole-step rows (x2: clean and DAD)")
     parser.add_argument("--iters", type=int, default=5)

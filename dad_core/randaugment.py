@@ -181,6 +181,8 @@ def rand_augment(
     """
     spec = parse_randaugment(config)
     if drawn is not None:
+        if drawn.dim() != 3 or tuple(drawn.shape[1:]) != (spec.num_layers, 2):
+            raise ValueError(f"drawn: {tuple(drawn.shape)} for {config!r}, which needs [B, {spec.num_layers}, 2]")
         ops = [[None if op < 0 else (spec.ops[int(op)], arg) for op, arg in rows] for rows in drawn.tolist()]
     else:
         seed_list = seeds.detach().cpu().tolist() if isinstance(seeds, Tensor) else list(seeds)

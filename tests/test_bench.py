@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -194,17 +194,24 @@ def test_the_whole_shard_row_runs_compiled_with_the_bf16_vqgan(tmp_path, monkeyp
 
 def test_the_replay_rows_make_the_views_in_the_step(tmp_path, monkeypatch):
     """``cached-replay(-randaugment)``: the step gets uint8 images and view rows and calls the product's replay."""
+    import dad_core.train
     import dad_core.train_data
     from bench import training
 
-    calls = []
-    replay = dad_core.train_data.replay_views
+    calls, kept_on_host = [], set()
+    replay, to_device = dad_core.train_data.replay_views, dad_core.train._to_device
 
     def spy(batch, size, *, randaugment=""):
-        calls.append((batch["clean"].dtype, tuple(batch["view"].shape), batch["view"].device.type, size, randaugment))
+        drawn = tuple(batch["randaugment"].shape) if "randaugment" in batch else None
+        calls.append((batch["clean"].dtype, tuple(batch["view"].shape), drawn, size, randaugment))
         return replay(batch, size, randaugment=randaugment)
 
+    def to_device_spy(batch, dev, channels_last, host_keys=()):
+        kept_on_host.add(host_keys)
+        return to_device(batch, dev, channels_last, host_keys)
+
     monkeypatch.setattr(dad_core.train_data, "replay_views", spy)
+    monkeypatch.setattr(dad_core.train, "_to_device", to_device_spy)
     path = tmp_path / "training.json"
     rows = "plain,cached-replay,cached-replay-randaugment"
 
@@ -212,9 +219,11 @@ def test_the_replay_rows_make_the_views_in_the_step(tmp_path, monkeypatch):
 
     result = json.loads(path.read_text())
     assert [r["name"] for r in result["rows"]] == [f"resnet10t/{r}" for r in rows.split(",")]
-    # the view rows reach the replay on the host, as the training loop leaves them
-    assert {(torch.uint8, (4, 6), "cpu", 32, "")} == {c for c in calls if not c[4]}
-    assert {(torch.uint8, (4, 6), "cpu", 32, training.RANDAUGMENT)} == {c for c in calls if c[4]}
+    # the RandAugment row's batch carries the loader's draws (2 layers), and the step keeps them and the view rows
+    # on the host, as the training loop does
+    assert {(torch.uint8, (4, 6), None, 32, "")} == {c for c in calls if not c[4]}
+    assert {(torch.uint8, (4, 6), (4, 2, 2), 32, training.RANDAUGMENT)} == {c for c in calls if c[4]}
+    assert ("view", "randaugment") in kept_on_host
     names = {r["name"] for r in result["ratios"]}
     assert {
         "resnet10t/cached-replay / resnet10t/plain",
@@ -222,23 +231,23 @@ def test_the_replay_rows_make_the_views_in_the_step(tmp_path, monkeypatch):
     } <= names
 
 
-def test_chained_timing_runs_the_steps_back_to_back_and_reports_per_step():
+def test_chained_timing_runs_the_steps_back_to_back_and_reports_per_step(monkeypatch):
     """``chain``: each timing covers that many calls with no wait between them; times and rates stay per step."""
     from bench import _common as common
 
-    calls = []
+    clock, calls = [0.0], []
+    monkeypatch.setattr(common, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
 
-    def step():
+    def step():  # 5 ms of the benchmark's clock per call
         calls.append(1)
-        time.sleep(0.002)
+        clock[0] += 0.005
 
     row = common.measure("x", step, torch.device("cpu"), warmup=2, iters=3, chain=4, images_per_step=8)
 
     assert len(calls) == 2 + 3 * 4
-    assert row["chain"] == 4 and len(row["times_ms"]) == 3
-    assert 2 <= row["ms_per_step"] < 8  # one step's time (2 ms of sleep), not the chain's
-    assert row["images_per_s"] == pytest.approx(8 / (row["ms_per_step"] / 1000), rel=1e-2)
-    assert "chain" not in common.measure("y", lambda: None, torch.device("cpu"), warmup=0, iters=1, images_per_step=1)
+    assert row["chain"] == 4 and row["times_ms"] == pytest.approx([5.0] * 3)  # per step: a chain is 20 ms
+    assert row["ms_per_step"] == pytest.approx(5.0) and row["images_per_s"] == pytest.approx(1600)
+    assert "chain" not in common.measure("y", step, torch.device("cpu"), warmup=0, iters=1, images_per_step=1)
 
 
 def test_the_shard_rows_diagnose_the_share_of_a_recipe_sized_shard(monkeypatch):

@@ -179,6 +179,8 @@ def test_draws_made_ahead_give_the_pixels_of_drawing_from_the_seeds():
     assert torch.equal(rand_augment(images, None, RAND, drawn=drawn), rand_augment(images, seeds, RAND))
     with pytest.raises(ValueError, match="3 draws for 8 images"):
         rand_augment(images, None, RAND, drawn=drawn[:3])
+    with pytest.raises(ValueError, match=r"needs \[B, 2, 2\]"):  # draws of another policy (one layer)
+        rand_augment(images, None, RAND, drawn=drawn[:, :1])
 
 
 def test_samples_with_different_geometric_ops_in_one_layer_resample_together_exactly():

@@ -62,10 +62,21 @@ def randaugment_cache_dir(digits_root, tmp_path_factory):
 
 
 @pytest.mark.parametrize("randaugment", [False, True])
-def test_replay_on_device_trains_to_the_weights_of_the_cpu_replay(digits_root, randaugment, request, tmp_path):
+def test_replay_on_device_trains_to_the_weights_of_the_cpu_replay(
+    digits_root, randaugment, request, tmp_path, monkeypatch
+):
+    import dad_core.train
+
     cache_dir = request.getfixturevalue("randaugment_cache_dir" if randaugment else "cache_dir")
     extra = RAND_TENSOR if randaugment else ()
-    reports, weights = {}, {}
+    reports, weights, kept_on_host = {}, {}, []
+    to_device = dad_core.train._to_device
+
+    def to_device_spy(batch, dev, channels_last, host_keys=()):
+        kept_on_host.append(sorted(key for key in host_keys if key in batch))
+        return to_device(batch, dev, channels_last, host_keys)
+
+    monkeypatch.setattr(dad_core.train, "_to_device", to_device_spy)
     for on_device in (False, True):
         cfg = _cfg(f"train.replay_on_device={str(on_device).lower()}", *extra)
         run = tmp_path / str(on_device)
@@ -73,6 +84,8 @@ def test_replay_on_device_trains_to_the_weights_of_the_cpu_replay(digits_root, r
         weights[on_device] = load_checkpoint(run / "model")[0]["model"]
 
     assert reports[True]["steps"] == reports[False]["steps"] > 10
+    # the loop keeps the view rows (and the loader's RandAugment draws) on the host for the replay
+    assert (["randaugment", "view"] if randaugment else ["view"]) in kept_on_host
     assert reports[True]["final"]["loss"] == pytest.approx(reports[False]["final"]["loss"], rel=1e-4)
     for key, value in weights[False].items():
         torch.testing.assert_close(weights[True][key], value, rtol=1e-4, atol=1e-5, msg=key)
