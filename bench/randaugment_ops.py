@@ -18,7 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 if __package__ in (None, ""):  # run as a file (python bench/randaugment_ops.py): make the repository importable
@@ -30,8 +29,9 @@ POLICY = "rand-m9-mstd0.5-inc1"
 
 
 def run(args: argparse.Namespace) -> dict:
-    from dad_core.randaugment import _GEOMETRIC, _affine_matrix, _apply, _resample, encode_ops, parse_randaugment
-    from dad_core.views import apply_views, sample_view
+    from bench.training import replay_batch
+    from dad_core.randaugment import _GEOMETRIC, _affine_matrix, _apply, _resample, parse_randaugment
+    from dad_core.views import apply_views
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gen = torch.Generator().manual_seed(0)
@@ -52,14 +52,10 @@ def run(args: argparse.Namespace) -> dict:
     rows.append({"op": "geometric, merged", "ms": round(timing.median_s * 1e3, 3)})
     # the whole replay, as a training step makes it: B clean + B DAD uint8 images, the view rows and their RandAugment
     # draws on the host (the loader workers made them)
-    rng = np.random.default_rng(0)
-    views = []
-    for _ in range(args.batch):
-        v = sample_view(args.size, args.size, rng, scale=(0.08, 1.0), hflip=0.5)
-        views.append([v.top, v.left, v.height, v.width, int(v.flip), v.seed])
-    drawn = torch.stack([encode_ops(view[5], POLICY) for view in views])
-    views = torch.tensor(views)
-    images = [torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8).to(device) for _ in "cd"]
+    shape = (args.batch, 3, args.size, args.size)
+    floats = {"clean": torch.rand(shape, generator=gen), "dad": torch.rand(shape, generator=gen)}
+    batch = replay_batch({**floats, "label": torch.zeros(args.batch, dtype=torch.long)}, args.size, 0, POLICY)
+    images, views, drawn = [batch[name].to(device) for name in floats], batch["view"], batch["randaugment"]
     steps = {}
     for label, policy in (("replay", ""), ("replay+randaugment", POLICY)):
         timing = common.time_fn(

@@ -103,11 +103,10 @@ def _replay_seconds(
     batches: list[dict[str, torch.Tensor]], image_size: int, device: torch.device, randaugment: str
 ) -> float:
     """Seconds of ``replay_views`` over ``batches`` on ``device`` (CPU time on a CPU; synchronized wall on a GPU)."""
-    from dad_core.train_data import replay_views
+    from dad_core.train_data import REPLAY_HOST_KEYS, replay_views
 
     on_gpu = device.type == "cuda"
-    host = ("view", "randaugment")  # read on the host, as the training loop leaves them
-    moved = [{k: v if k in host else v.to(device) for k, v in b.items()} for b in batches]
+    moved = [{k: v if k in REPLAY_HOST_KEYS else v.to(device) for k, v in b.items()} for b in batches]
     replay_views(moved[0], image_size, randaugment=randaugment)  # warm-up (kernel selection, allocator)
     if on_gpu:
         torch.cuda.synchronize(device)

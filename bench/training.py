@@ -71,7 +71,7 @@ def _batch(
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def _replay_batch(batch: dict[str, Tensor], size: int, seed: int, randaugment: str = "") -> dict[str, Tensor]:
+def replay_batch(batch: dict[str, Tensor], size: int, seed: int, randaugment: str = "") -> dict[str, Tensor]:
     """``batch`` as ``train.replay_on_device`` yields it: uint8 stored images, a ``[B, 6]`` view row each and, with
     ``randaugment``, the views' draws (``DADPairs`` makes them in the loader workers)."""
     from dad_core.randaugment import encode_ops
@@ -135,9 +135,10 @@ def _step_fn(
     ``prepare``, e.g. the view replay, outside autocast), forward, backward, update. The loss is not read: the loop
     reads it every 10 steps, so its steps run back to back (timed with ``--chain``)."""
     from dad_core.train import _to_device  # private: the benchmark runs the product loop's own batch handling
+    from dad_core.train_data import REPLAY_HOST_KEYS
 
     def step() -> Tensor:
-        b = _to_device(batch, device, channels_last, host_keys=("view", "randaugment"))
+        b = _to_device(batch, device, channels_last, host_keys=REPLAY_HOST_KEYS)
         if prepare is not None:
             b = prepare(b)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -200,7 +201,7 @@ def _row(
     if replay:
         randaugment = RANDAUGMENT if kind.endswith("randaugment") else ""
         prepare = _replay(shape["image_size"], randaugment, device, channels_last)
-        batch = _replay_batch(batch, shape["image_size"], args.seed, randaugment)
+        batch = replay_batch(batch, shape["image_size"], args.seed, randaugment)
     step = _step_fn(
         forward,
         optimizer,

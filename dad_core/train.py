@@ -32,7 +32,7 @@ from dad_core.progress import progress_bar
 from dad_core.student import create_student, unwrap_model
 from dad_core.task import DADTask
 from dad_core.teacher_cache import cache_dependencies, dataset_hash, load_teacher_cache
-from dad_core.train_data import CleanViews, DADPairs, ResumableSampler, replay_views
+from dad_core.train_data import REPLAY_HOST_KEYS, CleanViews, DADPairs, ResumableSampler, replay_views
 
 __all__ = ["TrainState", "fit"]
 
@@ -432,10 +432,9 @@ def _loop(
         sampler.set_epoch(st.epoch, st.batch_in_epoch)
         dataset.set_epoch(st.epoch)
         for batch in loader:
-            # train.replay_on_device: the loader sent uint8 images and their views; make the views here, batched. The
-            # view rows and RandAugment draws stay on the host, where the replay reads them: read back from the GPU,
-            # they would make the host wait for the previous step instead of queueing this one's replay behind it.
-            batch = _to_device(batch, dev, False, host_keys=("view", "randaugment"))
+            # train.replay_on_device: the loader sent uint8 images and their views; make the views here, batched (the
+            # view rows and RandAugment draws stay on the host, where the replay reads them)
+            batch = _to_device(batch, dev, False, host_keys=REPLAY_HOST_KEYS)
             batch = replay_views(batch, cfg.data.image_size, randaugment=t.randaugment)
             batch = _to_device(batch, dev, channels_last)
             sync = (st.batch_in_epoch + 1) % accum == 0

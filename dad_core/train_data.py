@@ -18,9 +18,12 @@ from dad_core.randaugment import encode_ops
 from dad_core.teacher_cache import TeacherCache
 from dad_core.views import apply_view, apply_views, sample_view
 
-__all__ = ["CleanViews", "DADPairs", "ResumableSampler", "replay_views"]
+__all__ = ["REPLAY_HOST_KEYS", "CleanViews", "DADPairs", "ResumableSampler", "replay_views"]
 
 _logger = logging.getLogger(__name__)
+# the keys of a replay_on_device batch that replay_views reads on the host (and drops): moved to the GPU, reading
+# them back would make the host wait for the step before
+REPLAY_HOST_KEYS = ("view", "randaugment")
 
 
 def _fresh_view(image: Tensor, rng: np.random.Generator, crop_scale: tuple[float, float], hflip: float) -> Tensor:
@@ -126,7 +129,7 @@ def replay_views(batch: dict[str, Tensor], image_size: int, *, randaugment: str 
     """
     if "view" not in batch:
         return batch
-    out = {key: value for key, value in batch.items() if key not in ("view", "randaugment")}
+    out = {key: value for key, value in batch.items() if key not in REPLAY_HOST_KEYS}
     names = [name for name in ("clean", "dad") if name in batch]
     images = [batch[name] for name in names]
     drawn = batch.get("randaugment") if randaugment else None

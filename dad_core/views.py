@@ -139,11 +139,10 @@ def apply_views(
     if randaugment:  # every tensor of `images` gets its sample's ops (a clean image and its DAD sample alike)
         from dad_core.randaugment import rand_augment
 
-        if drawn is not None:
-            out = rand_augment(out.flatten(0, 1), None, randaugment, drawn=drawn.repeat(out.shape[0], 1, 1))
-        else:
-            out = rand_augment(out.flatten(0, 1), [row[5] for row in boxes] * out.shape[0], randaugment)
-        out = out.view(*stack.shape[:3], size, size)
+        groups = out.shape[0]
+        seeds = None if drawn is not None else [row[5] for row in boxes] * groups
+        draws = None if drawn is None else drawn.repeat(groups, 1, 1)
+        out = rand_augment(out.flatten(0, 1), seeds, randaugment, drawn=draws).view_as(out)
     return list(out.clamp_(0, 1).unbind(0))
 
 
