@@ -1,11 +1,11 @@
 """Where the tensor RandAugment's time goes: each op of timm's ``rand-...-inc1`` policy on a batch, timed alone.
 
-Prints one row per op (ms per call on ``--images`` images of ``--size`` px, CUDA events on a GPU, CPU time
-otherwise) as the batched RandAugment runs it for a group of samples: the photometric ops through
-``dad_core.randaugment._apply``, the geometric ones through ``_resample`` (a layer's geometric ops share one such
-call, row ``geometric, merged``: the five ops' matrices on ``--images`` images). Then, for the whole step,
-``apply_views`` on a batch of clean + DAD images with and without RandAugment, with the draws made ahead as the
-loader workers make them, timed back to back as the training loop runs it.
+Prints one row per op (ms per ``rand_augment`` call on ``--images`` images of ``--size`` px, all drawn that op in
+one layer; CUDA events on a GPU, CPU time otherwise), and a ``geometric, merged`` row (the five geometric ops spread
+over the images: a layer resamples them together). Then, for the whole step, ``apply_views`` on a batch of clean +
+DAD images with and without RandAugment, with the draws made ahead as the loader workers make them, timed back to
+back as the training loop runs it, and how many tensor ops the RandAugment adds to it (each a launch on a GPU, where
+the host's time per launch is the cost).
 
     python bench/randaugment_ops.py                       # GPU when there is one; 9 images (a group's share)
     python bench/randaugment_ops.py --images 4 --size 32  # the test's size
@@ -24,32 +24,59 @@ if __package__ in (None, ""):  # run as a file (python bench/randaugment_ops.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import _common as common  # noqa: E402
+from dad_core.randaugment import parse_randaugment  # noqa: E402
 
 POLICY = "rand-m9-mstd0.5-inc1"
 
 
+def _forced(ops: list[tuple[str, float]], images: int) -> torch.Tensor:
+    """Draws (``encode_ops`` rows) that give image i op ``ops[i % len(ops)]`` in the first layer and none in the
+    second: one op's group, or a mix, run by the batched path as a training step runs it."""
+    names = parse_randaugment(POLICY).ops
+    rows = [[[names.index(ops[i % len(ops)][0]), ops[i % len(ops)][1]], [-1, 0.0]] for i in range(images)]
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def count_device_ops(fn, device: torch.device) -> int:
+    """How many tensor ops ``fn()`` runs that make a tensor on ``device`` (views included): on a GPU each one that is
+    not a view is a kernel launch, and the host's time per op is what a small batch costs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.n += any(isinstance(t, torch.Tensor) and t.device == device for t in tree_leaves(out))
+            return out
+
+    with Count() as counter:
+        fn()
+    return counter.n
+
+
 def run(args: argparse.Namespace) -> dict:
     from bench.training import replay_batch
-    from dad_core.randaugment import _GEOMETRIC, _affine_matrix, _apply, _resample, parse_randaugment
+    from dad_core.randaugment import _GEOMETRIC, rand_augment
     from dad_core.views import apply_views
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":  # a device index, so that count_device_ops compares equal devices
+        device = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (args.images, 3, args.size, args.size), generator=gen).float().to(device)
-    arg = torch.full((args.images,), 0.5, dtype=torch.float64, device=device)
-    rows, h, w = [], args.size, args.size
-    for name in parse_randaugment(POLICY).ops:
-        if name in _GEOMETRIC:
-            a = arg * (30.0 if name == "Rotate" else 0.3)
-            op = lambda n=name, a=a: _resample(x, _affine_matrix(n, a, h, w))  # noqa: E731
-        else:
-            op = lambda n=name: _apply(n, x, arg * 4.0)  # noqa: E731
-        timing = common.time_fn(op, device, warmup=2, iters=args.iters)
-        rows.append({"op": name, "ms": round(timing.median_s * 1e3, 3)})
-    names = sorted(_GEOMETRIC)
-    merged = torch.cat([_affine_matrix(names[i % 5], arg[i : i + 1] * 0.3, h, w) for i in range(args.images)])
-    timing = common.time_fn(lambda: _resample(x, merged), device, warmup=2, iters=args.iters)
-    rows.append({"op": "geometric, merged", "ms": round(timing.median_s * 1e3, 3)})
+    x = torch.randint(0, 256, (args.images, 3, args.size, args.size), generator=gen).div(255).to(device)
+    rows = []
+    names = parse_randaugment(POLICY).ops
+    geometric = [(name, 0.15 * (30.0 if name == "Rotate" else 1.0)) for name in names if name in _GEOMETRIC]
+    cases = [(name, [(name, 2.0 if name not in _GEOMETRIC else 0.15 * (30.0 if name == "Rotate" else 1.0))])
+             for name in names]  # fmt: skip
+    for label, ops in [*cases, ("geometric, merged", geometric)]:
+        drawn = _forced(ops, args.images)
+        timing = common.time_fn(
+            lambda d=drawn: rand_augment(x, None, POLICY, drawn=d), device, warmup=2, iters=args.iters
+        )
+        rows.append({"op": label, "ms": round(timing.median_s * 1e3, 3)})
     # the whole replay, as a training step makes it: B clean + B DAD uint8 images, the view rows and their RandAugment
     # draws on the host (the loader workers made them)
     shape = (args.batch, 3, args.size, args.size)
@@ -66,6 +93,9 @@ def run(args: argparse.Namespace) -> dict:
             chain=args.chain,
         )
         steps[label] = round(timing.median_s * 1e3, 3)
+    ops_per_call = count_device_ops(
+        lambda: apply_views(images, views, args.size, randaugment=POLICY, drawn=drawn), device
+    ) - count_device_ops(lambda: apply_views(images, views, args.size), device)
     return {
         "device": str(device),
         "images": args.images,
@@ -73,6 +103,7 @@ def run(args: argparse.Namespace) -> dict:
         "batch": args.batch,
         "ops": rows,
         "steps_ms": steps,
+        "randaugment_device_ops": ops_per_call,
         "torch": torch.__version__,
     }
 
@@ -91,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in sorted(result["ops"], key=lambda r: -r["ms"]):
         print(f"{row['op']:>22} {row['ms']:9.3f} ms")
     print("whole step (ms):", result["steps_ms"])
+    print("tensor ops the RandAugment adds to the step:", result["randaugment_device_ops"])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

@@ -166,8 +166,10 @@ def rand_augment(
 ) -> Tensor:
     """RandAugment ``config`` on float ``[B, C, H, W]`` images in [0, 1], sample i drawn from ``seeds[i]``.
 
-    Samples that drew the same op in the same layer go through it together, so a batch costs about two batched
-    calls per op of the policy, whatever its size.
+    A layer runs in four batched stages whatever its mix of ops (about 115 tensor ops per layer, which is what a GPU's
+    host spends its time on): one table lookup for every sample whose op maps each value through a table (tables
+    from the argument made on the host, tables from the image's statistics on the device), the two blends (Color,
+    Sharpness), and one resampling for every geometric op (matrices made on the host, in PIL's Python arithmetic).
 
     Args:
         images: float ``[B, C, H, W]`` in [0, 1].
@@ -183,7 +185,8 @@ def rand_augment(
     if drawn is not None:
         if drawn.dim() != 3 or tuple(drawn.shape[1:]) != (spec.num_layers, 2):
             raise ValueError(f"drawn: {tuple(drawn.shape)} for {config!r}, which needs [B, {spec.num_layers}, 2]")
-        ops = [[None if op < 0 else (spec.ops[int(op)], arg) for op, arg in rows] for rows in drawn.tolist()]
+        names = spec.ops  # a property that builds its tuple: once, not per sample
+        ops = [[None if op < 0 else (names[int(op)], arg) for op, arg in rows] for rows in drawn.tolist()]
     else:
         seed_list = seeds.detach().cpu().tolist() if isinstance(seeds, Tensor) else list(seeds)
         # drawn once per seed: a clean image and its DAD sample share their view's seed
@@ -196,35 +199,75 @@ def rand_augment(
         return _rand_augment(images, ops, spec)
 
 
+# A layer's ops in the order of its stages (:func:`_layer`). The value-map ops send each channel value through a
+# 256-entry table, made on the host from the argument alone (_ARG_TABLE) or on the device from each image's statistics
+# (_PIXEL_TABLE); the blends mix each pixel with a degenerate image; the geometric ops resample.
+_ARG_TABLE = frozenset((
+    "Invert", "Posterize", "PosterizeIncreasing", "Solarize", "SolarizeIncreasing", "SolarizeAdd", "Brightness",
+    "BrightnessIncreasing",
+))  # fmt: skip
+_PIXEL_TABLE = frozenset(("AutoContrast", "Equalize", "Contrast", "ContrastIncreasing"))
+_BLEND = frozenset(("Color", "ColorIncreasing", "Sharpness", "SharpnessIncreasing"))
+
+
+def _stage(name: str) -> int:
+    return 0 if name in _ARG_TABLE else 1 if name in _PIXEL_TABLE else 2 if name in _BLEND else 3
+
+
 def _rand_augment(images: Tensor, drawn: list[list[tuple[str, float] | None]], spec: RandAugmentSpec) -> Tensor:
     x = (images.float().clamp(0, 1) * 255).round()  # the uint8 image PIL would get, as floats on the device
     for layer in range(spec.num_layers):
-        groups: dict[str, list[tuple[int, float]]] = {}
+        groups: dict[str, tuple[list[int], list[float]]] = {}
         for i, ops in enumerate(drawn):
             if ops[layer] is not None:
-                groups.setdefault(ops[layer][0], []).append((i, ops[layer][1]))
-        if not groups:
-            continue
-        # the geometric ops last: they go through one resampling call together (their matrices differ, the sampling
-        # does not), which saves the host about a millisecond of launches per op on a GPU
-        names = sorted(groups, key=lambda name: name in _GEOMETRIC)
-        # one host-to-device copy per layer (sample indices grouped by op, and their arguments), not one per op
-        flat = [entry for name in names for entry in groups[name]]
-        rows = _to_device(torch.tensor([i for i, _ in flat]), x.device)
-        args = _to_device(torch.tensor([a for _, a in flat], dtype=torch.float64), x.device)  # PIL's are doubles
-        start, matrices = 0, []
-        h, w = x.shape[-2:]
-        for name in names:
-            index, arg = rows[start : start + len(groups[name])], args[start : start + len(groups[name])]
-            start += len(groups[name])
-            if name in _GEOMETRIC:
-                matrices.append(_affine_matrix(name, arg, h, w))
-            else:
-                x[index] = _apply(name, x[index], arg).clamp_(0, 255).round_()
-        if matrices:  # the rows' tail, in the order the matrices were made
-            index = rows[len(flat) - sum(len(m) for m in matrices) :]
-            x[index] = _resample(x[index], torch.cat(matrices)).clamp_(0, 255).round_()
+                samples, args = groups.setdefault(ops[layer][0], ([], []))
+                samples.append(i)
+                args.append(ops[layer][1])
+        if groups:
+            x = _layer(x, groups)
     return x / 255.0
+
+
+def _layer(x: Tensor, groups: dict[str, tuple[list[int], list[float]]]) -> Tensor:
+    """One layer: each op of ``groups`` (name: its samples, their arguments; samples in one op only) on its samples
+    of ``x`` (values in [0, 255]), in place. Everything the host knows (samples, arguments, tables and matrices made
+    from the arguments) goes to the device in one copy."""
+    n, c, h, w = x.shape
+    names = sorted(groups, key=_stage)
+    sizes = [len(groups[name][0]) for name in names]
+    stages = [_stage(name) for name in names]
+    arg_tables = [_arg_tables(name, groups[name][1]) for name, st in zip(names, stages) if st == 0]
+    matrices = [_affine_matrices(name, groups[name][1], h, w) for name, st in zip(names, stages) if st == 3]
+    total = sum(sizes)
+    packed = torch.cat([
+        torch.tensor([i for name in names for i in groups[name][0]], dtype=torch.float64),
+        torch.tensor([a for name in names for a in groups[name][1]], dtype=torch.float64),  # PIL's are doubles
+        *(t.double().flatten() for t in arg_tables),
+        *(m.flatten() for m in matrices),
+    ])  # fmt: skip
+    packed = _to_device(packed, x.device)
+    index, args = packed[:total].long(), packed[total : 2 * total]
+    counts = [sum(size for size, st in zip(sizes, stages) if st == k) for k in range(4)]
+    offset = 2 * total
+    tables = []
+    if counts[0]:  # value maps made on the host
+        tables.append(packed[offset : offset + counts[0] * 256].view(-1, 1, 256).float().expand(-1, c, -1))
+        offset += counts[0] * 256
+    start = 0
+    for name, size, st in zip(names, sizes, stages):
+        if st == 1:  # value maps made from the pixels
+            tables.append(_pixel_tables(name, x[index[start : start + size]], args[start : start + size]))
+        if st == 2:
+            rows = index[start : start + size]
+            x[rows] = _blend_op(name, x[rows], args[start : start + size])
+        start += size
+    if tables:
+        rows = index[: counts[0] + counts[1]]
+        x[rows] = _lookup(x[rows], torch.cat(tables))
+    if counts[3]:
+        rows = index[total - counts[3] :]
+        x[rows] = _resample(x[rows], packed[offset:].view(-1, 6))
+    return x
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -234,33 +277,77 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device)
 
 
-def _apply(name: str, x: Tensor, arg: Tensor) -> Tensor:
-    """Op ``name`` on ``[N, C, H, W]`` values in [0, 255] (integers stored as float), with ``[N]`` arguments."""
-    a = arg.to(x.dtype).view(-1, 1, 1, 1)  # the enhancers blend in float, as PIL's C code does
-    if name == "AutoContrast":
-        return _autocontrast(x)
-    if name == "Equalize":
-        return _equalize(x)
+def _arg_tables(name: str, args: list[float]) -> Tensor:
+    """float32 ``[N, 256]`` on the host: what op ``name`` makes of each value 0..255 with each argument, clamped to
+    [0, 255] and rounded. The arithmetic is the per-pixel formula's (float32, as the enhancers' blends in PIL's C)."""
+    v = torch.arange(256, dtype=torch.float32).expand(len(args), 256)
+    a = torch.tensor(args, dtype=torch.float64).to(torch.float32).view(-1, 1)
     if name == "Invert":
-        return 255.0 - x
-    if name.startswith("Posterize"):
+        out = 255.0 - v
+    elif name.startswith("Posterize"):
         step = torch.exp2(8.0 - a)  # keep `arg` high bits
-        return torch.floor(x / step) * step
-    if name.startswith("Solarize") and name != "SolarizeAdd":
-        return torch.where(x >= a, 255.0 - x, x)
-    if name == "SolarizeAdd":
-        return torch.where(x < 128, (x + a).clamp(max=255), x)
-    if name.startswith("Color"):
-        return _blend(_gray(x).expand_as(x), x, a)
+        out = torch.floor(v / step) * step
+    elif name == "SolarizeAdd":
+        out = torch.where(v < 128, (v + a).clamp(max=255), v)
+    elif name.startswith("Solarize"):
+        out = torch.where(v >= a, 255.0 - v, v)
+    elif name.startswith("Brightness"):
+        out = _blend(torch.zeros_like(v), v, a)
+    else:
+        raise ValueError(f"{name!r} is not a value-map RandAugment op")
+    return out.clamp(0, 255).round()
+
+
+@lru_cache(maxsize=8)
+def _levels(device: torch.device) -> Tensor:
+    return torch.arange(256, device=device, dtype=torch.float64)
+
+
+def _pixel_tables(name: str, x: Tensor, arg: Tensor) -> Tensor:
+    """float32 ``[N, C, 256]``: the value map op ``name`` builds from each image's statistics (per channel)."""
+    levels = _levels(x.device)
+    if name == "AutoContrast":  # PIL's ImageOps.autocontrast (no cutoff): each channel stretched to [0, 255]
+        lo = x.amin(dim=(2, 3)).double()[..., None]
+        hi = x.amax(dim=(2, 3)).double()[..., None]
+        scale = torch.full_like(hi, 255.0) / (hi - lo).clamp_min(1.0)  # a true division (255.0 / t is 255 * (1 / t))
+        stretched = torch.floor(levels * scale - lo * scale).clamp(0, 255)  # PIL: int(i * scale + offset), doubles
+        return torch.where(hi > lo, stretched, levels).float()  # a flat channel is kept
+    if name == "Equalize":
+        return _equalize_tables(x)
     if name.startswith("Contrast"):
-        # PIL: int(mean of the L image + 0.5), in doubles (a float32 sum is inexact beyond 2^24)
-        mean = torch.floor(_gray(x).double().mean(dim=(1, 2, 3), keepdim=True) + 0.5).to(x.dtype)
-        return _blend(mean.expand_as(x), x, a)
-    if name.startswith("Brightness"):
-        return _blend(torch.zeros_like(x), x, a)
-    if name.startswith("Sharpness"):
-        return _blend(_smooth(x), x, a)
-    return _affine(name, x, arg)
+        # PIL: int(mean of the L image + 0.5), in doubles (a float32 sum is inexact beyond 2^24); blended in float32
+        mean = torch.floor(_gray(x).double().mean(dim=(1, 2, 3)) + 0.5).float().view(-1, 1, 1)
+        a = arg.float().view(-1, 1, 1)
+        return _blend(mean, levels.float(), a).clamp(0, 255).round().expand(-1, x.shape[1], -1)
+    raise ValueError(f"{name!r} is not a RandAugment op with per-image tables")
+
+
+def _equalize_tables(x: Tensor) -> Tensor:
+    """PIL's ``ImageOps.equalize``, per channel: ``lut[i] = (step // 2 + #pixels below i) // step`` with ``step``
+    the pixel count outside the highest occupied level, over 255; a channel with one level (or step 0) is kept."""
+    n, c = x.shape[:2]
+    values = x.reshape(n * c, -1).long()
+    hist = torch.zeros(n * c, 256, device=x.device, dtype=torch.long).scatter_add_(1, values, torch.ones_like(values))
+    levels = _levels(x.device)
+    top_level = torch.where(hist > 0, levels.long(), -1).amax(dim=1, keepdim=True)
+    step = (values.shape[1] - hist.gather(1, top_level)) // 255
+    below = hist.cumsum(1) - hist
+    lut = ((step // 2 + below) // step.clamp_min(1)).clamp_max(255)
+    keep = step == 0  # also covers a single occupied level: everything is in the top level
+    return torch.where(keep, levels, lut.double()).float().view(n, c, 256)
+
+
+def _lookup(x: Tensor, tables: Tensor) -> Tensor:
+    """``x`` (``[N, C, H, W]``, values 0..255) through per-image, per-channel ``[N, C, 256]`` tables."""
+    n, c = x.shape[:2]
+    return tables.gather(2, x.long().view(n, c, -1)).view_as(x)
+
+
+def _blend_op(name: str, x: Tensor, arg: Tensor) -> Tensor:
+    """Color or Sharpness: PIL's enhancer blend of ``x`` with its gray or its smoothed image, clamped and rounded."""
+    a = arg.to(x.dtype).view(-1, 1, 1, 1)  # the enhancers blend in float, as PIL's C code does
+    degenerate = _gray(x).expand_as(x) if name.startswith("Color") else _smooth(x)
+    return _blend(degenerate, x, a).clamp_(0, 255).round_()
 
 
 def _gray(x: Tensor) -> Tensor:
@@ -278,104 +365,81 @@ def _blend(degenerate: Tensor, x: Tensor, factor: Tensor) -> Tensor:
 def _smooth(x: Tensor) -> Tensor:
     """PIL's ``ImageFilter.SMOOTH`` (3x3, centre 5, others 1, /13); the one-pixel border is left as it is.
 
-    Summed with shifted adds, not a convolution: integer sums are exact in float32, where a GPU convolution may run in
-    TF32 and move rounded pixels.
+    Summed with shifted adds (three columns, then three rows of those sums, then four more centres), not a
+    convolution: integer sums are exact in float32 in any order, where a GPU convolution may run in TF32 and move
+    rounded pixels.
     """
     h, w = x.shape[-2:]
-    total = 4 * x[..., 1:-1, 1:-1]
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            total = total + x[..., dy : dy + h - 2, dx : dx + w - 2]
+    columns = x[..., :, 0 : w - 2] + x[..., :, 1 : w - 1] + x[..., :, 2:w]
+    total = columns[..., 0 : h - 2, :] + columns[..., 1 : h - 1, :] + columns[..., 2:h, :]
     out = x.clone()
-    out[..., 1:-1, 1:-1] = torch.round(total / 13.0)
+    out[..., 1:-1, 1:-1] = torch.round((total + 4 * x[..., 1:-1, 1:-1]) / 13.0)
     return out
 
 
-def _autocontrast(x: Tensor) -> Tensor:
-    """PIL's ``ImageOps.autocontrast`` (no cutoff): each channel stretched to [0, 255]; flat channels kept."""
-    lo = x.amin(dim=(2, 3), keepdim=True).double()
-    hi = x.amax(dim=(2, 3), keepdim=True).double()
-    scale = torch.full_like(hi, 255.0) / (hi - lo).clamp_min(1.0)  # a true division (255.0 / t is 255 * (1 / t))
-    stretched = torch.floor(x.double() * scale - lo * scale).clamp(0, 255)  # PIL: int(i * scale + offset), doubles
-    return torch.where(hi > lo, stretched, x.double()).to(x.dtype)
+def _affine_matrices(name: str, args: list[float], h: int, w: int) -> Tensor:
+    """float64 ``[N, 6]`` on the host: PIL's affine ``data`` ``(a, b, c, d, e, f)`` for each argument (output pixel
+    ``(x, y)`` reads the input at ``(a x + b y + c, d x + e y + f)``), in the Python arithmetic of PIL's ``rotate``
+    and of timm's shear and translate calls."""
+    rows = []
+    for arg in args:
+        if name == "Rotate":  # PIL's rotate: counter-clockwise about the centre, its matrix rounded to 15 decimals
+            angle = -math.radians(arg % 360.0)
+            cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+            cx, cy = w / 2, h / 2
+            rows.append((cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy))
+        elif name == "ShearX":
+            rows.append((1.0, arg, 0.0, 0.0, 1.0, 0.0))
+        elif name == "ShearY":
+            rows.append((1.0, 0.0, 0.0, arg, 1.0, 0.0))
+        elif name == "TranslateXRel":
+            rows.append((1.0, 0.0, arg * w, 0.0, 1.0, 0.0))
+        elif name == "TranslateYRel":
+            rows.append((1.0, 0.0, 0.0, 0.0, 1.0, arg * h))
+        else:
+            raise ValueError(f"unknown RandAugment op {name!r}")
+    return torch.tensor(rows, dtype=torch.float64).view(-1, 6)
 
 
-def _equalize(x: Tensor) -> Tensor:
-    """PIL's ``ImageOps.equalize``, per channel: ``lut[i] = (step // 2 + #pixels below i) // step`` with ``step``
-    the pixel count outside the highest occupied level, over 255; a channel with one level (or step 0) is kept."""
-    n, c = x.shape[:2]
-    values = x.reshape(n * c, -1).long()
-    hist = torch.zeros(n * c, 256, device=x.device, dtype=torch.long).scatter_add_(1, values, torch.ones_like(values))
-    top_level = torch.where(hist > 0, torch.arange(256, device=x.device), -1).amax(dim=1, keepdim=True)
-    step = (values.shape[1] - hist.gather(1, top_level)) // 255
-    below = hist.cumsum(1) - hist
-    lut = ((step // 2 + below) // step.clamp_min(1)).clamp_max(255)
-    out = lut.gather(1, values)
-    keep = step == 0  # also covers a single occupied level: everything is in the top level
-    return torch.where(keep, values, out).reshape(x.shape).to(x.dtype)
-
-
-def _affine(name: str, x: Tensor, arg: Tensor) -> Tensor:
-    """Rotate, ShearX/Y, TranslateX/YRel as PIL's ``Image.transform(AFFINE)`` with its bilinear filter."""
-    return _resample(x, _affine_matrix(name, arg, *x.shape[-2:]))
-
-
-def _affine_matrix(name: str, arg: Tensor, h: int, w: int) -> Tensor:
-    """``[N, 6]`` double matrices ``(a, b, c, d, e, f)``: output pixel ``(x, y)`` reads the input at
-    ``(a x + b y + c, d x + e y + f)``, as PIL's affine ``data`` (its rotate's rounded to 15 decimals)."""
-    arg = arg.double()
-    one, zero = torch.ones_like(arg), torch.zeros_like(arg)
-    if name == "Rotate":  # PIL's rotate: counter-clockwise about the centre, its matrix rounded to 15 decimals
-        rad = -(arg * (math.pi / 180.0))
-        cos, sin = torch.round(torch.cos(rad), decimals=15), torch.round(torch.sin(rad), decimals=15)
-        cx, cy = w / 2.0, h / 2.0
-        m = torch.stack([cos, sin, (cos * -cx + sin * -cy) + cx, -sin, cos, (-sin * -cx + cos * -cy) + cy], dim=1)
-    elif name == "ShearX":
-        m = torch.stack([one, arg, zero, zero, one, zero], dim=1)
-    elif name == "ShearY":
-        m = torch.stack([one, zero, zero, arg, one, zero], dim=1)
-    elif name == "TranslateXRel":
-        m = torch.stack([one, zero, arg * w, zero, one, zero], dim=1)
-    elif name == "TranslateYRel":
-        m = torch.stack([one, zero, zero, zero, one, arg * h], dim=1)
-    else:
-        raise ValueError(f"unknown RandAugment op {name!r}")
-    return m
+@lru_cache(maxsize=8)
+def _pixel_grid(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The output pixel centres (x and y, float64 ``[H, W]``) and the last column and row (long ``[1, 2, 1, 1]``)."""
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=device, dtype=torch.float64) + 0.5,
+        torch.arange(w, device=device, dtype=torch.float64) + 0.5,
+        indexing="ij",
+    )
+    return xs, ys, torch.tensor([w - 1, h - 1], device=device).view(1, 2, 1, 1)
 
 
 def _resample(x: Tensor, m: Tensor) -> Tensor:
-    """``x`` through the affine matrices ``m`` (``[N, 6]``, :func:`_affine_matrix`) in PIL's own arithmetic: each
+    """``x`` through the affine matrices ``m`` (``[N, 6]``, :func:`_affine_matrices`) in PIL's own arithmetic: each
     output pixel centre ``p`` reads the input at ``M p + t`` (doubles, pixel units, origin at the top-left corner); a
     position outside the image reads the fill; inside, the two rows are blended along x and then along y from the
-    four pixels around it (edge pixels repeated) and the result truncated to an integer."""
+    four pixels around it (edge pixels repeated) and the result truncated to an integer. Clamped and rounded.
+
+    The x and y coordinates go through each step together, and the four neighbours through one gather: every op is a
+    launch on a GPU, and the host's launches are what this costs there."""
     n, c, h, w = x.shape
+    xs, ys, last = _pixel_grid(h, w, x.device)
     m = m.view(n, 2, 3, 1, 1)
-    ys, xs = torch.meshgrid(  # output pixel centres
-        torch.arange(h, device=x.device, dtype=torch.float64) + 0.5,
-        torch.arange(w, device=x.device, dtype=torch.float64) + 0.5,
-        indexing="ij",
-    )
-    # elementwise, not a matmul (which a GPU may run in TF32): [N, H, W] input positions in pixels
-    src_x = m[:, 0, 0] * xs + m[:, 0, 1] * ys + m[:, 0, 2]
-    src_y = m[:, 1, 0] * xs + m[:, 1, 1] * ys + m[:, 1, 2]
-    inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)
-    fx, fy = src_x - 0.5, src_y - 0.5
-    x0, y0 = torch.floor(fx), torch.floor(fy)
-    dx, dy = (fx - x0)[:, None], (fy - y0)[:, None]
-    x0, y0 = x0.long(), y0.long()
-    # gathered in float32, which holds the integer pixels exactly: the blend below promotes them to doubles (dx, dy
-    # are doubles) with the same values, at half the memory traffic of gathering doubles
-    flat = x.reshape(n, c, h * w)
-    # clamped rows and columns of the four neighbours, each computed once (every op here is a launch on a GPU)
-    rows = (y0.clamp(0, h - 1) * w, (y0 + 1).clamp(0, h - 1) * w)
-    cols = (x0.clamp(0, w - 1), (x0 + 1).clamp(0, w - 1))
-
-    def pixel(row: Tensor, col: Tensor) -> Tensor:  # [N, C, H, W] values at those integer positions
-        return flat.gather(2, (row + col).view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
-
-    top_left, top_right = pixel(rows[0], cols[0]), pixel(rows[0], cols[1])
-    bottom_left, bottom_right = pixel(rows[1], cols[0]), pixel(rows[1], cols[1])
-    top = top_left + (top_right - top_left) * dx
-    bottom = bottom_left + (bottom_right - bottom_left) * dx
-    out = torch.floor(top + (bottom - top) * dy).to(x.dtype)
-    return torch.where(inside[:, None], out, torch.full_like(out, _FILL))
+    # elementwise, not a matmul (which a GPU may run in TF32): [N, 2, H, W] input positions (x, y) in pixels
+    src = m[:, :, 0] * xs + m[:, :, 1] * ys + m[:, :, 2]
+    inside = (src >= 0).all(dim=1) & (src[:, 0] < w) & (src[:, 1] < h)
+    shifted = src - 0.5
+    low = torch.floor(shifted)
+    frac = shifted - low  # [N, 2, H, W]: the blend weights along x and along y
+    low = low.long()
+    first = torch.clamp(low, max=last).clamp_min_(0)  # the neighbours' columns and rows, edge pixels repeated
+    second = torch.clamp(low + 1, max=last).clamp_min_(0)
+    rows = torch.stack([first[:, 1], second[:, 1]], dim=1) * w  # [N, 2, H, W]: upper and lower row offsets
+    cols = torch.stack([first[:, 0], second[:, 0]], dim=1)  # left and right columns
+    where = (rows[:, :, None] + cols[:, None]).view(n, 1, 4 * h * w)  # [N, 1, 4 H W]: (upper, lower) x (left, right)
+    # gathered in float32, which holds the integer pixels exactly: the blend below promotes them to doubles (the
+    # weights are doubles) with the same values, at half the memory traffic of gathering doubles
+    near = x.reshape(n, c, h * w).gather(2, where.expand(n, c, -1)).view(n, c, 2, 2, h, w)
+    left, right = near[:, :, :, 0], near[:, :, :, 1]  # [N, C, 2 (upper, lower), H, W]
+    across = left + (right - left) * frac[:, None, None, 0]
+    upper, lower = across[:, :, 0], across[:, :, 1]
+    out = torch.floor(upper + (lower - upper) * frac[:, None, 1]).to(x.dtype)
+    return torch.where(inside[:, None], out, _FILL).clamp_(0, 255).round_()

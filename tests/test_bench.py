@@ -264,3 +264,23 @@ def test_the_shard_rows_diagnose_the_share_of_a_recipe_sized_shard(monkeypatch):
 
     assert seen == [2] and teacher_cache.DIAGNOSTIC_IMAGES == 32
     assert generation.diagnostic_images(16) == 1
+
+
+def test_randaugment_ops_times_every_op_through_the_batched_path(tmp_path):
+    """One row per op of the policy plus the merged geometric row, the whole-step rows, and the tensor ops the
+    RandAugment adds to a step (the host's cost on a GPU), counted on the device the step runs on."""
+    from bench import randaugment_ops
+    from dad_core.randaugment import parse_randaugment
+
+    path = tmp_path / "ops.json"
+    argv = ["--images", "3", "--size", "16", "--batch", "4", "--iters", "1", "--chain", "1", "--device", "cpu"]
+
+    assert randaugment_ops.main([*argv, "--json", str(path)]) == 0
+
+    result = json.loads(path.read_text())
+    ops = [row["op"] for row in result["ops"]]
+    assert ops == [*parse_randaugment(randaugment_ops.POLICY).ops, "geometric, merged"]
+    assert all(row["ms"] > 0 for row in result["ops"]) and set(result["steps_ms"]) == {"replay", "replay+randaugment"}
+    assert 0 < result["randaugment_device_ops"] < 1000
+    counted = randaugment_ops.count_device_ops(lambda: torch.ones(2, 2) + 1, torch.device("cpu"))
+    assert counted == 2  # ones, add
