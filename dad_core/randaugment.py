@@ -157,8 +157,12 @@ def encode_ops(seed: int, config: str) -> Tensor:
     list (-1 where the layer is skipped) and its argument. A loader worker makes them, so the training step, which
     replays them with ``rand_augment(..., drawn=...)``, spends no Python on drawing (about 40 us a sample)."""
     spec = parse_randaugment(config)
-    rows = [[spec.ops.index(op[0]), op[1]] if op else [-1, 0.0] for op in draw_ops(seed, spec)]
-    return torch.tensor(rows, dtype=torch.float64)
+    return torch.tensor(_encode(draw_ops(seed, spec), spec), dtype=torch.float64)
+
+
+def _encode(ops: list[tuple[str, float] | None], spec: RandAugmentSpec) -> list[list[float]]:
+    names = spec.ops
+    return [[names.index(op[0]), op[1]] if op else [-1, 0.0] for op in ops]
 
 
 def rand_augment(
@@ -185,18 +189,17 @@ def rand_augment(
     if drawn is not None:
         if drawn.dim() != 3 or tuple(drawn.shape[1:]) != (spec.num_layers, 2):
             raise ValueError(f"drawn: {tuple(drawn.shape)} for {config!r}, which needs [B, {spec.num_layers}, 2]")
-        names = spec.ops  # a property that builds its tuple: once, not per sample
-        ops = [[None if op < 0 else (names[int(op)], arg) for op, arg in rows] for rows in drawn.tolist()]
+        rows = drawn.detach().cpu().double().numpy()
     else:
         seed_list = seeds.detach().cpu().tolist() if isinstance(seeds, Tensor) else list(seeds)
         # drawn once per seed: a clean image and its DAD sample share their view's seed
-        by_seed = {seed: draw_ops(seed, spec) for seed in dict.fromkeys(seed_list)}
-        ops = [by_seed[seed] for seed in seed_list]
-    if len(ops) != images.shape[0]:
-        raise ValueError(f"{len(ops)} {'draws' if drawn is not None else 'seeds'} for {images.shape[0]} images")
+        by_seed = {seed: _encode(draw_ops(seed, spec), spec) for seed in dict.fromkeys(seed_list)}
+        rows = np.array([by_seed[seed] for seed in seed_list], dtype=np.float64).reshape(-1, spec.num_layers, 2)
+    if len(rows) != images.shape[0]:
+        raise ValueError(f"{len(rows)} {'draws' if drawn is not None else 'seeds'} for {images.shape[0]} images")
     # exact float32 (and float64 where PIL uses doubles) whatever the caller's autocast: bf16 would move pixels
     with torch.autocast(images.device.type, enabled=False):
-        return _rand_augment(images, ops, spec)
+        return _rand_augment(images, rows[..., 0].astype(np.int64), rows[..., 1], spec)
 
 
 # A layer's ops in the order of its stages (:func:`_layer`). The value-map ops send each channel value through a
@@ -214,47 +217,56 @@ def _stage(name: str) -> int:
     return 0 if name in _ARG_TABLE else 1 if name in _PIXEL_TABLE else 2 if name in _BLEND else 3
 
 
-def _rand_augment(images: Tensor, drawn: list[list[tuple[str, float] | None]], spec: RandAugmentSpec) -> Tensor:
+@lru_cache(maxsize=16)
+def _op_keys(spec: RandAugmentSpec) -> np.ndarray:
+    """Each op index's sort key: its stage, then the index (so a layer's samples sort into stages and ops)."""
+    return np.array([_stage(name) * len(spec.ops) + i for i, name in enumerate(spec.ops)])
+
+
+def _rand_augment(images: Tensor, codes: np.ndarray, args: np.ndarray, spec: RandAugmentSpec) -> Tensor:
+    """``codes``: ``[B, layers]`` op indices into ``spec.ops`` (-1: the layer is skipped), ``args``: their arguments."""
     x = (images.float().clamp(0, 1) * 255).round()  # the uint8 image PIL would get, as floats on the device
+    keys = _op_keys(spec)
     for layer in range(spec.num_layers):
-        groups: dict[str, tuple[list[int], list[float]]] = {}
-        for i, ops in enumerate(drawn):
-            if ops[layer] is not None:
-                samples, args = groups.setdefault(ops[layer][0], ([], []))
-                samples.append(i)
-                args.append(ops[layer][1])
-        if groups:
-            x = _layer(x, groups)
+        code = codes[:, layer]
+        samples = np.flatnonzero(code >= 0)
+        if not samples.size:
+            continue
+        samples = samples[np.argsort(keys[code[samples]], kind="stable")]  # grouped by stage, then op
+        ops, starts = np.unique(keys[code[samples]], return_index=True)
+        bounds = [*starts.tolist(), len(samples)]
+        groups = [
+            (spec.ops[int(key) % len(spec.ops)], samples[lo:hi], args[samples[lo:hi], layer])
+            for key, lo, hi in zip(ops, bounds, bounds[1:])
+        ]
+        x = _layer(x, groups)
     return x / 255.0
 
 
-def _layer(x: Tensor, groups: dict[str, tuple[list[int], list[float]]]) -> Tensor:
-    """One layer: each op of ``groups`` (name: its samples, their arguments; samples in one op only) on its samples
-    of ``x`` (values in [0, 255]), in place. Everything the host knows (samples, arguments, tables and matrices made
-    from the arguments) goes to the device in one copy."""
+def _layer(x: Tensor, groups: list[tuple[str, np.ndarray, np.ndarray]]) -> Tensor:
+    """One layer on ``x`` (values in [0, 255]), in place: each group is an op, its samples and their arguments, in
+    stage order (:func:`_stage`); a sample is in one group at most. Everything the host knows (samples, arguments,
+    tables and matrices made from the arguments) goes to the device in one copy."""
     n, c, h, w = x.shape
-    names = sorted(groups, key=_stage)
-    sizes = [len(groups[name][0]) for name in names]
-    stages = [_stage(name) for name in names]
-    arg_tables = [_arg_tables(name, groups[name][1]) for name, st in zip(names, stages) if st == 0]
-    matrices = [_affine_matrices(name, groups[name][1], h, w) for name, st in zip(names, stages) if st == 3]
-    total = sum(sizes)
-    packed = torch.cat([
-        torch.tensor([i for name in names for i in groups[name][0]], dtype=torch.float64),
-        torch.tensor([a for name in names for a in groups[name][1]], dtype=torch.float64),  # PIL's are doubles
-        *(t.double().flatten() for t in arg_tables),
-        *(m.flatten() for m in matrices),
-    ])  # fmt: skip
-    packed = _to_device(packed, x.device)
-    index, args = packed[:total].long(), packed[total : 2 * total]
+    stages = [_stage(name) for name, _, _ in groups]
+    sizes = [len(samples) for _, samples, _ in groups]
     counts = [sum(size for size, st in zip(sizes, stages) if st == k) for k in range(4)]
+    total = sum(sizes)
+    packed = np.concatenate([
+        *(samples.astype(np.float64) for _, samples, _ in groups),
+        *(args for _, _, args in groups),  # PIL's are doubles
+        *(_arg_tables(name, args).ravel() for (name, _, args), st in zip(groups, stages) if st == 0),
+        *(_affine_matrices(name, args, h, w).ravel() for (name, _, args), st in zip(groups, stages) if st == 3),
+    ])  # fmt: skip
+    packed = _to_device(torch.from_numpy(packed), x.device)
+    index, args = packed[:total].long(), packed[total : 2 * total]
     offset = 2 * total
     tables = []
     if counts[0]:  # value maps made on the host
         tables.append(packed[offset : offset + counts[0] * 256].view(-1, 1, 256).float().expand(-1, c, -1))
         offset += counts[0] * 256
     start = 0
-    for name, size, st in zip(names, sizes, stages):
+    for (name, _, _), size, st in zip(groups, sizes, stages):
         if st == 1:  # value maps made from the pixels
             tables.append(_pixel_tables(name, x[index[start : start + size]], args[start : start + size]))
         if st == 2:
@@ -277,25 +289,25 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device)
 
 
-def _arg_tables(name: str, args: list[float]) -> Tensor:
+def _arg_tables(name: str, args: np.ndarray) -> np.ndarray:
     """float32 ``[N, 256]`` on the host: what op ``name`` makes of each value 0..255 with each argument, clamped to
-    [0, 255] and rounded. The arithmetic is the per-pixel formula's (float32, as the enhancers' blends in PIL's C)."""
-    v = torch.arange(256, dtype=torch.float32).expand(len(args), 256)
-    a = torch.tensor(args, dtype=torch.float64).to(torch.float32).view(-1, 1)
+    [0, 255] and rounded, in the per-pixel formula's arithmetic (float32, as the enhancers' blends in PIL's C)."""
+    v = np.arange(256, dtype=np.float32)[None, :]
+    a = args.astype(np.float32)[:, None]
     if name == "Invert":
-        out = 255.0 - v
+        out = np.broadcast_to(255 - v, (len(a), 256))
     elif name.startswith("Posterize"):
-        step = torch.exp2(8.0 - a)  # keep `arg` high bits
-        out = torch.floor(v / step) * step
+        step = (2.0 ** (8.0 - a.astype(np.float64))).astype(np.float32)  # keep `arg` high bits; a power of two
+        out = np.floor(v / step) * step
     elif name == "SolarizeAdd":
-        out = torch.where(v < 128, (v + a).clamp(max=255), v)
+        out = np.where(v < 128, np.minimum(v + a, np.float32(255)), v)
     elif name.startswith("Solarize"):
-        out = torch.where(v >= a, 255.0 - v, v)
+        out = np.where(v >= a, 255 - v, v)
     elif name.startswith("Brightness"):
-        out = _blend(torch.zeros_like(v), v, a)
+        out = np.floor(a * v)  # PIL's blend with black: 0 + factor * (x - 0)
     else:
         raise ValueError(f"{name!r} is not a value-map RandAugment op")
-    return out.clamp(0, 255).round()
+    return np.round(np.clip(out, 0, 255)).astype(np.float32)
 
 
 @lru_cache(maxsize=8)
@@ -377,12 +389,12 @@ def _smooth(x: Tensor) -> Tensor:
     return out
 
 
-def _affine_matrices(name: str, args: list[float], h: int, w: int) -> Tensor:
+def _affine_matrices(name: str, args: np.ndarray, h: int, w: int) -> np.ndarray:
     """float64 ``[N, 6]`` on the host: PIL's affine ``data`` ``(a, b, c, d, e, f)`` for each argument (output pixel
     ``(x, y)`` reads the input at ``(a x + b y + c, d x + e y + f)``), in the Python arithmetic of PIL's ``rotate``
     and of timm's shear and translate calls."""
     rows = []
-    for arg in args:
+    for arg in args.tolist():
         if name == "Rotate":  # PIL's rotate: counter-clockwise about the centre, its matrix rounded to 15 decimals
             angle = -math.radians(arg % 360.0)
             cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
@@ -398,7 +410,7 @@ def _affine_matrices(name: str, args: list[float], h: int, w: int) -> Tensor:
             rows.append((1.0, 0.0, 0.0, 0.0, 1.0, arg * h))
         else:
             raise ValueError(f"unknown RandAugment op {name!r}")
-    return torch.tensor(rows, dtype=torch.float64).view(-1, 6)
+    return np.array(rows, dtype=np.float64).reshape(-1, 6)
 
 
 @lru_cache(maxsize=8)

@@ -108,8 +108,9 @@ def apply_views(
 
     Each sample is cropped, resized with the same antialiased bilinear interpolation and flipped as
     :func:`apply_view` does, so on a CPU the result is bit-identical and on a GPU it differs only by the
-    interpolation kernel's rounding. The crop boxes differ in size, so crop, resize and flip run per sample (one
-    call for that sample in every tensor of ``images``, e.g. its clean image and its DAD sample); RandAugment
+    interpolation kernel's rounding. The crop boxes differ in size, so crop and resize run per sample (one call for
+    that sample in every tensor of ``images``, e.g. its clean image and its DAD sample); the conversion to floats,
+    the flips, RandAugment
     (:func:`dad_core.randaugment.rand_augment`, each view drawn from its seed) and the clamp are batched.
     timm's PIL RandAugment has no identical tensor version, so a run with ``train.randaugment_backend: pil``
     replays on the CPU (:class:`~dad_core.train_data.DADPairs`).
@@ -127,15 +128,21 @@ def apply_views(
         For each tensor of ``images``, float32 ``[B, C, size, size]`` in [0, 1].
     """
     stack = torch.stack(list(images))  # [G, B, C, H, W]
+    # to [0, 1] floats in one op for the whole batch, the values apply_view makes of each crop: on a GPU the host's
+    # launches are the cost, and a per-sample conversion was two of the few per sample
+    stack = stack.float().div_(255.0) if stack.dtype == torch.uint8 else stack.float()
     boxes = views.detach().to("cpu", torch.int64).tolist()  # one transfer, not five per sample
     out = torch.empty(*stack.shape[:3], size, size, device=stack.device)
-    for b, (top, left, h, w, flip, _) in enumerate(boxes):
-        x = stack[:, b, :, top : top + h, left : left + w]
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    # [G, C, H, W] views of each sample made in one op each (every view op is some host time on a GPU)
+    for (top, left, h, w, _, _), image, target in zip(boxes, stack.unbind(1), out.unbind(1)):
+        x = image[..., top : top + h, left : left + w]
         if (h, w) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        # flipping only the flipped samples: a batched where(flip, x.flip(-1), x) costs twice the resize on a CPU
-        out[:, b] = x.flip(-1) if flip else x
+        target.copy_(x)
+    flipped = [b for b, row in enumerate(boxes) if row[4]]
+    if flipped:  # the flipped samples in one gather, flip and scatter (a flip is exact: after the resize as ever)
+        index = torch.tensor(flipped, device=stack.device)
+        out[:, index] = out[:, index].flip(-1)
     if randaugment:  # every tensor of `images` gets its sample's ops (a clean image and its DAD sample alike)
         from dad_core.randaugment import rand_augment
 
