@@ -222,3 +222,23 @@ def test_apply_view_and_the_batched_replay_agree_with_the_tensor_backend():
     assert not torch.equal(out_clean[1], plain)  # RandAugment ran on top of the crop
     pil = apply_view(clean[1], ViewSpec(3, 4, 30, 20, True, 6), 24, randaugment=RAND)
     assert pil.shape == out_clean[1].shape  # the pil backend is still there, and draws its own ops
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("Posterize", range(1, 9)),  # 0 bits: Pillow 13 refuses it (see test_each_op_gives_timms_pil_pixels)
+        ("Solarize", range(0, 257)),
+        ("SolarizeAdd", range(0, 129)),
+        ("Brightness", np.linspace(0.1, 1.9, 181)),
+        ("Invert", [0.0]),
+    ],
+)
+def test_the_value_map_tables_are_pils_for_every_value_and_argument(name, args):
+    """The ops whose table the host makes from the argument alone: every one of the 256 values, every argument the
+    policy can draw (the magnitudes give integers for these, floats for Brightness)."""
+    levels = torch.arange(256.0).view(1, 16, 16).expand(3, 16, 16)
+    pil = Image.fromarray(levels.permute(1, 2, 0).numpy().astype(np.uint8))
+    for arg in args:
+        want = torch.tensor(np.asarray(_timm_op(name, pil, float(arg))).astype(np.float32)).permute(2, 0, 1)
+        assert torch.equal(_only(name, levels[None].clone(), float(arg))[0], want), (name, arg)
