@@ -1,7 +1,8 @@
 """The one place that reads the process environment: torchrun's variables, and a few service settings.
 
 Without ``RANK``/``WORLD_SIZE`` set, every helper here behaves as a single process on rank 0, so the same
-code runs under ``python``, ``torchrun --nproc_per_node N``, a Kubeflow Trainer pod and a unit test.
+code runs under ``python``, ``torchrun --nproc_per_node N``, a Kubeflow Trainer pod and a unit test. The device
+helpers (which device, how a host tensor gets there without waiting) live here too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = [
     "WorldInfo",
     "barrier",
     "cleanup_distributed",
+    "copy_to_device",
     "getenv",
     "init_distributed",
     "is_primary",
@@ -59,6 +61,14 @@ def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.devi
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def copy_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor ``t`` on ``device``. To a GPU through pinned memory, without blocking: a plain copy from pageable
+    memory waits for everything queued on the GPU, which would stall a training step that queues work ahead."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def init_distributed(device: str | None = None) -> tuple[WorldInfo, torch.device]:

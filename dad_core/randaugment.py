@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dad_core.distributed import copy_to_device
+
 __all__ = ["RandAugmentSpec", "draw_ops", "encode_ops", "parse_randaugment", "rand_augment"]
 
 _LEVEL_DENOM = 10.0
@@ -258,7 +260,7 @@ def _layer(x: Tensor, groups: list[tuple[str, np.ndarray, np.ndarray]]) -> Tenso
         *(_arg_tables(name, args).ravel() for (name, _, args), st in zip(groups, stages) if st == 0),
         *(_affine_matrices(name, args, h, w).ravel() for (name, _, args), st in zip(groups, stages) if st == 3),
     ])  # fmt: skip
-    packed = _to_device(torch.from_numpy(packed), x.device)
+    packed = copy_to_device(torch.from_numpy(packed), x.device)  # no wait for the GPU's queue
     index, args = packed[:total].long(), packed[total : 2 * total]
     offset = 2 * total
     tables = []
@@ -280,13 +282,6 @@ def _layer(x: Tensor, groups: list[tuple[str, np.ndarray, np.ndarray]]) -> Tenso
         rows = index[total - counts[3] :]
         x[rows] = _resample(x[rows], packed[offset:].view(-1, 6))
     return x
-
-
-def _to_device(t: Tensor, device: torch.device) -> Tensor:
-    """``t`` on ``device``; from pinned memory on a GPU, so the copy does not stall the host."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def _arg_tables(name: str, args: np.ndarray) -> np.ndarray:
@@ -421,7 +416,7 @@ def _pixel_grid(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor, T
         torch.arange(w, device=device, dtype=torch.float64) + 0.5,
         indexing="ij",
     )
-    return xs, ys, torch.tensor([w - 1, h - 1], device=device).view(1, 2, 1, 1)
+    return xs, ys, copy_to_device(torch.tensor([w - 1, h - 1]), device).view(1, 2, 1, 1)
 
 
 def _resample(x: Tensor, m: Tensor) -> Tensor:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dad_core.distributed import copy_to_device
+
 __all__ = ["ViewSpec", "apply_view", "apply_views", "sample_view", "sample_views"]
 
 
@@ -141,7 +143,7 @@ def apply_views(
         target.copy_(x)
     flipped = [b for b, row in enumerate(boxes) if row[4]]
     if flipped:  # the flipped samples in one gather, flip and scatter (a flip is exact: after the resize as ever)
-        index = torch.tensor(flipped, device=stack.device)
+        index = copy_to_device(torch.tensor(flipped), stack.device)
         out[:, index] = out[:, index].flip(-1)
     if randaugment:  # every tensor of `images` gets its sample's ops (a clean image and its DAD sample alike)
         from dad_core.randaugment import rand_augment

@@ -13,6 +13,7 @@ from dad_core.distributed import (
     WorldInfo,
     barrier,
     cleanup_distributed,
+    copy_to_device,
     getenv,
     init_distributed,
     is_primary,
@@ -67,6 +68,22 @@ def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device(None).type == expected
+
+
+def test_copy_to_device_goes_through_pinned_memory_without_blocking_on_a_gpu(monkeypatch):
+    """A GPU copy from pageable memory waits for the GPU's queue; the helper pins and copies asynchronously."""
+    t = torch.arange(4)
+    assert torch.equal(copy_to_device(t, torch.device("cpu")), t)
+    calls = []
+
+    class Pinned:
+        def to(self, device, non_blocking=False):
+            calls.append((device.type, non_blocking))
+            return "on the device"
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: Pinned())
+    assert copy_to_device(t, torch.device("cuda")) == "on the device"
+    assert calls == [("cuda", True)]
 
 
 def _draws():

@@ -138,6 +138,33 @@ def test_batched_views_equal_the_per_image_replay():
         assert torch.equal(out_dad[i], apply_view(dad[i], views[i], 20))
 
 
+def test_the_batched_replay_sends_host_data_to_the_device_without_waiting(monkeypatch):
+    """The step queues the replay while the GPU still runs the previous step: every host-to-device copy it makes (the
+    flipped samples, the RandAugment's packed draws) goes through ``copy_to_device`` (pinned, non-blocking), never a
+    ``torch.tensor(..., device=...)``, which copies from pageable memory and waits for the GPU."""
+    from dad_core import randaugment, views
+    from dad_core.distributed import copy_to_device
+
+    copies = []
+
+    def spy(t, device):
+        copies.append((t.dtype, t.device.type, device))
+        return copy_to_device(t, device)
+
+    monkeypatch.setattr(views, "copy_to_device", spy)
+    monkeypatch.setattr(randaugment, "copy_to_device", spy)
+    tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: tensor(*a, **k) if "device" not in k else pytest.fail(str(k)))
+    images = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8)
+    rows = torch.tensor([[0, 0, 20, 16, i % 2, 40 + i] for i in range(6)])
+
+    views.apply_views([images, images], rows, 16, randaugment="rand-m9-n2-p1.0")
+
+    assert copies[0] == (torch.int64, "cpu", images.device)  # the flipped samples
+    assert [dtype for dtype, _, _ in copies].count(torch.float64) == 2  # one packed copy per RandAugment layer
+    assert all(kind == "cpu" for _, kind, _ in copies)  # (and the resampling's grid bounds, once per image size)
+
+
 def test_pil_randaugment_survives_posterize_to_zero_bits():
     """timm asks Pillow for 0-bit posterize at magnitude 10 (m9 with mstd 0.5 gets there), which Pillow 13 refuses."""
     image = torch.full((3, 16, 16), 0.6)
