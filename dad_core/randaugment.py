@@ -172,13 +172,14 @@ def rand_augment(
 ) -> Tensor:
     """RandAugment ``config`` on float ``[B, C, H, W]`` images in [0, 1], sample i drawn from ``seeds[i]``.
 
-    A layer runs in four batched stages whatever its mix of ops (about 115 tensor ops per layer, which is what a GPU's
-    host spends its time on): one table lookup for every sample whose op maps each value through a table (tables
-    from the argument made on the host, tables from the image's statistics on the device), the two blends (Color,
-    Sharpness), and one resampling for every geometric op (matrices made on the host, in PIL's Python arithmetic).
+    A layer's samples are grouped by the op they drew, and its ops batched further, since on a GPU the host's time
+    per launched op is the cost: one table lookup serves every sample whose op maps each value through a table (the
+    tables made on the host from the argument, or on the device from each image's statistics, a few ops per
+    drawn op), Color and Sharpness run once per op drawn, and one resampling serves every geometric op (its
+    matrices made on the host, in PIL's Python arithmetic).
 
     Args:
-        images: float ``[B, C, H, W]`` in [0, 1].
+        images: float ``[B, 3, H, W]`` RGB in [0, 1] (NaN reads as 0).
         seeds: each sample's seed (:func:`draw_ops`); None when ``drawn`` is given.
         config: timm ``rand-...`` string.
         drawn: the draws already made, ``[B, num_layers, 2]`` rows of :func:`encode_ops` (read on the host: pass a
@@ -188,6 +189,8 @@ def rand_augment(
         float32 ``[B, C, H, W]`` in [0, 1], on the images' device, on the uint8 grid (as PIL's output would be).
     """
     spec = parse_randaugment(config)
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: {tuple(images.shape)}; RandAugment takes RGB batches [B, 3, H, W]")
     if drawn is not None:
         if drawn.dim() != 3 or tuple(drawn.shape[1:]) != (spec.num_layers, 2):
             raise ValueError(f"drawn: {tuple(drawn.shape)} for {config!r}, which needs [B, {spec.num_layers}, 2]")
@@ -196,7 +199,9 @@ def rand_augment(
         seed_list = seeds.detach().cpu().tolist() if isinstance(seeds, Tensor) else list(seeds)
         # drawn once per seed: a clean image and its DAD sample share their view's seed
         by_seed = {seed: _encode(draw_ops(seed, spec), spec) for seed in dict.fromkeys(seed_list)}
-        rows = np.array([by_seed[seed] for seed in seed_list], dtype=np.float64).reshape(-1, spec.num_layers, 2)
+        rows = np.array([by_seed[seed] for seed in seed_list], dtype=np.float64).reshape(
+            len(seed_list), spec.num_layers, 2
+        )
     if len(rows) != images.shape[0]:
         raise ValueError(f"{len(rows)} {'draws' if drawn is not None else 'seeds'} for {images.shape[0]} images")
     # exact float32 (and float64 where PIL uses doubles) whatever the caller's autocast: bf16 would move pixels
@@ -216,7 +221,10 @@ _BLEND = frozenset(("Color", "ColorIncreasing", "Sharpness", "SharpnessIncreasin
 
 
 def _stage(name: str) -> int:
-    return 0 if name in _ARG_TABLE else 1 if name in _PIXEL_TABLE else 2 if name in _BLEND else 3
+    for stage, names in enumerate((_ARG_TABLE, _PIXEL_TABLE, _BLEND, _GEOMETRIC)):
+        if name in names:
+            return stage
+    raise ValueError(f"unknown RandAugment op {name!r}")
 
 
 @lru_cache(maxsize=16)
@@ -227,7 +235,8 @@ def _op_keys(spec: RandAugmentSpec) -> np.ndarray:
 
 def _rand_augment(images: Tensor, codes: np.ndarray, args: np.ndarray, spec: RandAugmentSpec) -> Tensor:
     """``codes``: ``[B, layers]`` op indices into ``spec.ops`` (-1: the layer is skipped), ``args``: their arguments."""
-    x = (images.float().clamp(0, 1) * 255).round()  # the uint8 image PIL would get, as floats on the device
+    # the uint8 image PIL would get, as floats on the device; NaN as 0, since the tables index by value
+    x = (images.float().nan_to_num(0.0).clamp(0, 1) * 255).round()
     keys = _op_keys(spec)
     for layer in range(spec.num_layers):
         code = codes[:, layer]
@@ -250,6 +259,7 @@ def _layer(x: Tensor, groups: list[tuple[str, np.ndarray, np.ndarray]]) -> Tenso
     stage order (:func:`_stage`); a sample is in one group at most. Everything the host knows (samples, arguments,
     tables and matrices made from the arguments) goes to the device in one copy."""
     n, c, h, w = x.shape
+    groups = sorted(groups, key=lambda group: _stage(group[0]))  # the offsets below follow the stages' order
     stages = [_stage(name) for name, _, _ in groups]
     sizes = [len(samples) for _, samples, _ in groups]
     counts = [sum(size for size, st in zip(sizes, stages) if st == k) for k in range(4)]

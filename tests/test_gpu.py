@@ -66,3 +66,31 @@ def test_nccl_process_group_initializes(tmp_path, monkeypatch):
         assert value.item() == 1.0
     finally:
         cleanup_distributed()
+
+
+def test_the_device_replay_queues_without_a_sync_and_matches_the_cpu():
+    """``apply_views`` with RandAugment on CUDA, its view rows and draws on the host as the training loop keeps them:
+    no synchronising call (the step is queued while the GPU runs the previous one), and the CPU's pixels."""
+    from dad_core.randaugment import encode_ops
+    from dad_core.views import apply_views
+
+    policy = "rand-m9-mstd0.5-inc1"
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 256, (32, 3, 40, 40), generator=gen, dtype=torch.uint8)
+    dad = torch.randint(0, 256, (32, 3, 40, 40), generator=gen, dtype=torch.uint8)
+    views = torch.tensor([[i % 7, i % 5, 30 - i % 9, 28 + i % 11, i % 2, 1000 + i] for i in range(32)])
+    drawn = torch.stack([encode_ops(int(seed), policy) for seed in views[:, 5]])
+    want = apply_views([clean, dad], views, 24, randaugment=policy, drawn=drawn)
+    images = [clean.cuda(), dad.cuda()]
+    apply_views(images, views, 24, randaugment=policy, drawn=drawn)  # warm: caches, pinned blocks
+    torch.cuda.synchronize()
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = apply_views(images, views, 24, randaugment=policy, drawn=drawn)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    for g, w in zip(got, want):  # the resize kernel's rounding may move a value across a uint8 level, rarely
+        assert ((g.cpu() - w).abs() <= 1 / 255 + 1e-6).float().mean() > 0.999
+        assert ((g.cpu() - w).abs() < 1e-6).float().mean() > 0.99
