@@ -64,9 +64,10 @@ def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.devi
 
 
 def copy_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor ``t`` on ``device``. To a GPU through pinned memory, without blocking: a plain copy from pageable
-    memory waits for everything queued on the GPU, which would stall a training step that queues work ahead."""
-    if device.type == "cuda":
+    """``t`` on ``device``. A host tensor goes to a GPU through pinned memory, without blocking: a plain copy from
+    pageable memory waits for everything queued on the GPU, which would stall a training step that queues work
+    ahead. Anything else is ``t.to(device)`` (nothing to do for a tensor already there)."""
+    if t.device.type == "cpu" and device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 

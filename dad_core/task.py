@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dad_core.config import LossConfig
+from dad_core.distributed import copy_to_device
 from dad_core.losses import DADLoss, soften
 
 __all__ = ["DADTask", "mix_batch", "random_erase"]
@@ -92,15 +93,16 @@ def random_erase(
     if not boxes:
         return tensors
     device = tensors[0].device
-    # one mask for the batch, built from the boxes in one copy: a few batched ops instead of a few per box
-    index, top, left, eh, ew = torch.tensor(boxes).to(device).unbind(1)
+    # one mask for the batch, built from the boxes in one copy: a few batched ops instead of a few per box; the host's
+    # copies pinned and non-blocking (from pageable memory a copy waits for the GPU's queue, every step)
+    index, top, left, eh, ew = copy_to_device(torch.tensor(boxes), device).unbind(1)
     ys, xs = torch.arange(h, device=device), torch.arange(w, device=device)
     in_rows = (ys >= top[:, None]) & (ys < (top + eh)[:, None])
     in_cols = (xs >= left[:, None]) & (xs < (left + ew)[:, None])
     mask = torch.zeros(b, 1, h, w, dtype=torch.bool, device=device)
     mask[index] = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
     gen = torch.Generator(device=device).manual_seed(int(rng.integers(0, 2**63 - 1)))
-    mean, std = mean.reshape(1, -1, 1, 1).to(device), std.reshape(1, -1, 1, 1).to(device)
+    mean, std = copy_to_device(mean.reshape(1, -1, 1, 1), device), copy_to_device(std.reshape(1, -1, 1, 1), device)
     out = []
     for t in tensors:
         noise = torch.empty_like(t, dtype=torch.float32).normal_(generator=gen)  # empty_like: t's memory format

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from dad_core.config import LossConfig, load_config
@@ -42,6 +43,21 @@ def test_every_sample_gets_one_box_of_timms_sizes_filled_with_normalized_noise()
     inside = torch.cat([((x - MEAN.view(3, 1, 1)) / STD.view(3, 1, 1)).flatten() for x in noise])
     assert abs(float(inside.mean())) < 0.1 and abs(float(inside.std()) - 1) < 0.1  # N(0, 1) once normalized
     assert not torch.equal(erased_clean[0], erased_dad[0] + 0.25)  # each tensor draws its own noise
+
+
+def test_the_host_copies_do_not_wait_for_the_gpu(monkeypatch):
+    """The boxes (drawn on the host every step) and the normalization go to the device pinned and non-blocking."""
+    from dad_core import task
+    from dad_core.distributed import copy_to_device
+
+    copied = []
+    monkeypatch.setattr(task, "copy_to_device", lambda t, device: copied.append(t.shape) or copy_to_device(t, device))
+    tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: tensor(*a, **k) if "device" not in k else pytest.fail(str(k)))
+
+    random_erase([torch.rand(8, 3, 16, 16)], prob=1.0, rng=np.random.default_rng(0), mean=MEAN, std=STD)
+
+    assert copied == [(8, 5), (1, 3, 1, 1), (1, 3, 1, 1)]  # the boxes, the mean, the std
 
 
 def test_the_probability_and_the_rng_decide_which_and_where():
