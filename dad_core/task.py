@@ -28,7 +28,8 @@ def mix_batch(
     Every image tensor in ``tensors`` gets the same mix, so a clean image and its DAD sample stay paired.
 
     Args:
-        tensors: image tensors ``[B, C, H, W]`` mixed identically.
+        tensors: image tensors ``[B, C, H, W]`` mixed identically, and ``[B, K]`` distributions per sample (the
+            teacher's cached probabilities), which mix as ``targets`` do: by lambda, the box's share under cutmix.
         targets: ``[B, K]`` soft targets (one-hot with label smoothing).
         mixup: Beta(alpha, alpha) parameter of mixup; 0 = off.
         cutmix: Beta(alpha, alpha) parameter of cutmix; 0 = off.
@@ -37,7 +38,9 @@ def mix_batch(
     Returns:
         Mixed tensors, mixed targets, the pairing permutation, and lambda (the weight of the unpermuted batch).
     """
-    perm = torch.arange(targets.shape[0] - 1, -1, -1)
+    # made on the device: indexing a GPU tensor with a host index copies it from pageable memory, which waits for
+    # everything queued on the GPU, every step
+    perm = torch.arange(targets.shape[0] - 1, -1, -1, device=targets.device)
     use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
     alpha = cutmix if use_cutmix else mixup
     lam = float(rng.beta(alpha, alpha)) if alpha > 0 else 1.0
@@ -47,12 +50,15 @@ def mix_batch(
         cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
         y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
         x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the share of the image left unpermuted
         mixed = []
         for t in tensors:
-            t = t.clone()
-            t[..., y0:y1, x0:x1] = t[perm][..., y0:y1, x0:x1]
+            if t.dim() == 4:  # an image: the box comes from the paired sample
+                t = t.clone()
+                t[..., y0:y1, x0:x1] = t[perm][..., y0:y1, x0:x1]
+            else:  # a distribution per sample (the cache's teacher probabilities): by the box's share, as the targets
+                t = lam * t + (1 - lam) * t[perm]
             mixed.append(t)
-        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
     else:
         mixed = [lam * t + (1 - lam) * t[perm] for t in tensors]
     return mixed, lam * targets + (1 - lam) * targets[perm], perm, lam

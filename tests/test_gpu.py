@@ -94,3 +94,29 @@ def test_the_device_replay_queues_without_a_sync_and_matches_the_cpu():
     for g, w in zip(got, want):  # the resize kernel's rounding may move a value across a uint8 level, rarely
         assert ((g.cpu() - w).abs() <= 1 / 255 + 1e-6).float().mean() > 0.999
         assert ((g.cpu() - w).abs() < 1e-6).float().mean() > 0.99
+
+
+def test_the_recipe_step_queues_without_a_sync():
+    """The README ImageNet recipe's step (cached teacher, mixup and cutmix, random erasing) on CUDA: no synchronising
+    call, so the host queues the next step while the GPU runs this one. Both mixes are drawn over the steps."""
+    import numpy as np
+
+    from dad_core.config import LossConfig
+    from dad_core.student import create_student
+    from dad_core.task import DADTask
+
+    student = create_student("resnet10t", 10).cuda()
+    task = DADTask(student, LossConfig(), num_classes=10, mixup=0.8, cutmix=1.0, reprob=0.25).cuda().train()
+    probs = torch.softmax(torch.randn(8, 10), -1)
+    batch = {"clean": torch.rand(8, 3, 32, 32), "dad": torch.rand(8, 3, 32, 32), "label": torch.randint(0, 10, (8,))}
+    batch = {k: v.cuda() for k, v in {**batch, "t_clean": probs, "t_dad": probs}.items()}
+    rng = np.random.default_rng(0)
+    task(batch, rng)["loss"].backward()  # warm: cuDNN plans, pinned blocks
+    torch.cuda.synchronize()
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(6):
+            task(batch, rng)["loss"].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
