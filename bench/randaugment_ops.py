@@ -68,9 +68,10 @@ def run(args: argparse.Namespace) -> dict:
     x = torch.randint(0, 256, (args.images, 3, args.size, args.size), generator=gen).div(255).to(device)
     rows = []
     names = parse_randaugment(POLICY).ops
-    geometric = [(name, 0.15 * (30.0 if name == "Rotate" else 1.0)) for name in names if name in _GEOMETRIC]
-    cases = [(name, [(name, 2.0 if name not in _GEOMETRIC else 0.15 * (30.0 if name == "Rotate" else 1.0))])
-             for name in names]  # fmt: skip
+    # a mid-range argument: 4.5 degrees, 0.15 of a shear or translation, 2 for the rest (bits, level or factor)
+    arg = {name: 4.5 if name == "Rotate" else 0.15 if name in _GEOMETRIC else 2.0 for name in names}
+    cases = [(name, [(name, arg[name])]) for name in names]
+    geometric = [(name, arg[name]) for name in names if name in _GEOMETRIC]
     for label, ops in [*cases, ("geometric, merged", geometric)]:
         drawn = _forced(ops, args.images)
         timing = common.time_fn(

@@ -227,40 +227,33 @@ def _stage(name: str) -> int:
     raise ValueError(f"unknown RandAugment op {name!r}")
 
 
-@lru_cache(maxsize=16)
-def _op_keys(spec: RandAugmentSpec) -> np.ndarray:
-    """Each op index's sort key: its stage, then the index (so a layer's samples sort into stages and ops)."""
-    return np.array([_stage(name) * len(spec.ops) + i for i, name in enumerate(spec.ops)])
-
-
 def _rand_augment(images: Tensor, codes: np.ndarray, args: np.ndarray, spec: RandAugmentSpec) -> Tensor:
     """``codes``: ``[B, layers]`` op indices into ``spec.ops`` (-1: the layer is skipped), ``args``: their arguments."""
     # the uint8 image PIL would get, as floats on the device; NaN as 0, since the tables index by value
     x = (images.float().nan_to_num(0.0).clamp(0, 1) * 255).round()
-    keys = _op_keys(spec)
     for layer in range(spec.num_layers):
         code = codes[:, layer]
         samples = np.flatnonzero(code >= 0)
         if not samples.size:
             continue
-        samples = samples[np.argsort(keys[code[samples]], kind="stable")]  # grouped by stage, then op
-        ops, starts = np.unique(keys[code[samples]], return_index=True)
+        samples = samples[np.argsort(code[samples], kind="stable")]  # grouped by op
+        ops, starts = np.unique(code[samples], return_index=True)
         bounds = [*starts.tolist(), len(samples)]
         groups = [
-            (spec.ops[int(key) % len(spec.ops)], samples[lo:hi], args[samples[lo:hi], layer])
-            for key, lo, hi in zip(ops, bounds, bounds[1:])
+            (spec.ops[op], samples[lo:hi], args[samples[lo:hi], layer])
+            for op, lo, hi in zip(ops.tolist(), bounds, bounds[1:])
         ]
         x = _layer(x, groups)
     return x / 255.0
 
 
 def _layer(x: Tensor, groups: list[tuple[str, np.ndarray, np.ndarray]]) -> Tensor:
-    """One layer on ``x`` (values in [0, 255]), in place: each group is an op, its samples and their arguments, in
-    stage order (:func:`_stage`); a sample is in one group at most. Everything the host knows (samples, arguments,
-    tables and matrices made from the arguments) goes to the device in one copy."""
+    """One layer on ``x`` (values in [0, 255]), in place: each group is an op, its samples and their arguments; a
+    sample is in one group at most. Everything the host knows (samples, arguments, tables and matrices made from the
+    arguments) goes to the device in one copy."""
     n, c, h, w = x.shape
-    groups = sorted(groups, key=lambda group: _stage(group[0]))  # the offsets below follow the stages' order
-    stages = [_stage(name) for name, _, _ in groups]
+    staged = sorted((_stage(group[0]), i) for i, group in enumerate(groups))  # the offsets below follow the stages
+    stages, groups = [st for st, _ in staged], [groups[i] for _, i in staged]
     sizes = [len(samples) for _, samples, _ in groups]
     counts = [sum(size for size, st in zip(sizes, stages) if st == k) for k in range(4)]
     total = sum(sizes)
