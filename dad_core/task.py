@@ -51,17 +51,19 @@ def mix_batch(
         y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
         x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
         lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the share of the image left unpermuted
-        mixed = []
-        for t in tensors:
-            if t.dim() == 4:  # an image: the box comes from the paired sample
-                t = t.clone()
-                t[..., y0:y1, x0:x1] = t[perm][..., y0:y1, x0:x1]
-            else:  # a distribution per sample (the cache's teacher probabilities): by the box's share, as the targets
-                t = lam * t + (1 - lam) * t[perm]
-            mixed.append(t)
-    else:
-        mixed = [lam * t + (1 - lam) * t[perm] for t in tensors]
-    return mixed, lam * targets + (1 - lam) * targets[perm], perm, lam
+
+    def blend(t: Tensor) -> Tensor:
+        return lam * t + (1 - lam) * t[perm]
+
+    mixed = []
+    for t in tensors:
+        if use_cutmix and t.dim() == 4:  # an image under cutmix: the box comes from the paired sample
+            t = t.clone()
+            t[..., y0:y1, x0:x1] = t[perm][..., y0:y1, x0:x1]
+        else:  # mixup, or a distribution per sample (the cache's teacher probabilities): by lambda, as the targets
+            t = blend(t)
+        mixed.append(t)
+    return mixed, blend(targets), perm, lam
 
 
 def random_erase(
