@@ -365,8 +365,8 @@ def _setup_run(
         mixup=t.mixup,
         cutmix=t.cutmix,
         reprob=t.reprob,
-        input_mean=student.mean.detach().flatten().cpu(),
-        input_std=student.std.detach().flatten().cpu(),
+        input_mean=student.mean.detach().flatten(),  # on the student's device: random erasing copies nothing per step
+        input_std=student.std.detach().flatten(),
     )
     steps_per_epoch = max(batches_per_epoch // t.grad_accum, 1)
     optimizer, scheduler = _build_optimization(cfg, student, steps_per_epoch, dev)
