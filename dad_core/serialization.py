@@ -10,8 +10,11 @@ would become code execution in every pod that reads it. So:
   older product files) go through :func:`load_torch_file`, which is ``torch.load(weights_only=True)``: tensors and
   plain containers only. ``placeholders=True`` (for Lightning's hyper-parameters and callbacks) loads the classes a
   file names as inert stand-ins whose code never runs;
-- a file that needs more is refused with one line naming it and the command that converts a trusted copy
-  (:func:`convert_trusted_file`, ``dad convert-checkpoint``), the only place that ever unpickles, on request.
+- a file that needs more is refused with one line naming it and the command that converts it once
+  (:func:`convert_pickled_file`, ``dad convert-checkpoint``): the same restricted unpickler, with numpy's values
+  rebuilt by numpy and every other class the file names loaded inert, whole modules becoming their state dicts.
+
+Nothing here runs a full unpickler.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dad_core.errors import DADError
 __all__ = [
     "UnsafeFileError",
     "WeightsFileError",
-    "convert_trusted_file",
+    "convert_pickled_file",
     "load_torch_file",
     "load_tree",
     "read_bytes",
@@ -70,7 +73,8 @@ def read_bytes(uri: str | Path) -> bytes:
 
 def _convert_hint(uri: str) -> str:
     stem = uri.rsplit("/", 1)[-1].rsplit(".", 1)[0] or "converted"
-    return f"if you trust this file, convert it once: dad convert-checkpoint {uri} --output {stem}.safetensors"
+    command = f"dad convert-checkpoint {uri} --output {stem}.safetensors"
+    return f"to use its weights, convert it once (nothing in it runs): {command}"
 
 
 def load_torch_file(
@@ -139,24 +143,38 @@ def _why(err: BaseException) -> str:
 
 
 class _Placeholder:
-    """Stands in for a class a published checkpoint names outside its weights; none of that class's code runs."""
+    """Stands in for a class a file names outside its weights; none of that class's code runs. It keeps what the
+    pickle hands it (constructor arguments, state), which :func:`convert_pickled_file` reads a module's weights from.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Placeholder:
+        obj = super().__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
     def __setstate__(self, state: Any) -> None:
-        pass
+        self.state = state
 
 
-def _load_with_placeholders(source: Any, name: str, kwargs: dict[str, Any]) -> Any:
+def _load_with_placeholders(
+    source: Any, name: str, kwargs: dict[str, Any], *, real: Mapping[str, Any] | None = None
+) -> Any:
+    """``torch.load(**kwargs)`` (``weights_only=True``) with each class ``source`` names loaded as a placeholder,
+    except those in ``real`` (full name: the object the restricted unpickler may call)."""
     import torch
 
     names = torch.serialization.get_unsafe_globals_in_checkpoint(source)
     if hasattr(source, "seek"):
         source.seek(0)
-    _logger.warning("%s: loading %d non-tensor classes as inert placeholders: %s", name, len(names), names[:10])
-    stubs = [(type(full.rsplit(".", 1)[-1], (_Placeholder,), {}), full) for full in names]
-    with torch.serialization.safe_globals(stubs):
+    real = real or {}
+    stand_ins = [full for full in names if full not in real]
+    _logger.warning("%s: loading %d non-tensor classes as inert placeholders: %s", name, len(stand_ins), stand_ins[:10])
+    stubs = [(type(full.rsplit(".", 1)[-1], (_Placeholder,), {}), full) for full in stand_ins]
+    allowed = [(obj, full) for full, obj in real.items()]  # all: a value's type must be allowed to be built
+    with torch.serialization.safe_globals([*stubs, *allowed]):
         return torch.load(source, **kwargs)
 
 
@@ -263,28 +281,66 @@ def is_safetensors(data: bytes) -> bool:
     return len(data) >= 9 and data[8:9] == b"{"
 
 
-def convert_trusted_file(source: str | Path, output: str | Path) -> Path:
-    """Unpickle ``source`` **trusting it** and rewrite it in the product's safe format (:func:`save_tree`).
+def convert_pickled_file(source: str | Path, output: str | Path) -> Path:
+    """Rewrite a torch pickle the safe loader refuses in the product's safe format (:func:`save_tree`), without
+    running anything from it.
 
-    The one place the product runs a full unpickler, and only on a file the user names and vouches for. Modules
-    become their state dicts; other objects that are not plain data are dropped, with a warning naming them.
+    It is read with torch's restricted unpickler (``weights_only=True``). numpy arrays, scalars and dtypes are rebuilt
+    by numpy; every other class the file names is loaded as an inert placeholder. A placeholder holding a module's
+    state (a whole pickled ``nn.Module``) becomes that module's state dict (parameters and persistent buffers);
+    other objects that are not plain data are dropped, with a warning naming them.
 
     Returns:
         ``output``.
 
     Raises:
         WeightsFileError: ``source`` is unreadable.
+        UnsafeFileError: ``source`` names what torch's restricted unpickler refuses outright (``os.system``, say).
     """
-    import torch
-
     from dad_core.io import atomic_path
 
     try:
-        obj = torch.load(str(source), map_location="cpu", weights_only=False)
+        kwargs = {"map_location": "cpu", "weights_only": True}
+        obj = _load_with_placeholders(str(source), str(source), kwargs, real=_numpy_globals())
+    except pickle.UnpicklingError as err:  # torch refuses some names outright (os, posix, subprocess, ...)
+        raise UnsafeFileError(f"{source}: refused, it names code no checkpoint needs ({_why(err)})") from None
     except Exception as err:
         raise WeightsFileError(f"{source}: not a readable torch file ({type(err).__name__}: {_why(err)})") from None
     plain = _plain(obj, "root")
     return atomic_path(Path(output), lambda tmp: save_tree(plain, tmp))
+
+
+def _numpy_globals() -> dict[str, Any]:
+    """What a pickle of numpy values names, by every name numpy 1 and 2 give it: numpy's own constructors, which
+    rebuild arrays, scalars and dtypes from data and run nothing else."""
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray  # numpy 2
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray
+    out: dict[str, Any] = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+    for prefix in ("numpy.core.multiarray", "numpy._core.multiarray"):  # a file names the numpy that wrote it
+        out[f"{prefix}._reconstruct"], out[f"{prefix}.scalar"] = multiarray._reconstruct, multiarray.scalar
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles a dtype by its class
+    out.update({f"numpy.dtypes.{name}": getattr(dtypes, name) for name in dir(dtypes or ()) if name.endswith("DType")})
+    return out
+
+
+def _module_state_dict(state: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The state dict of a pickled module from its ``__dict__``: parameters and persistent buffers, then its
+    submodules' under ``name.``, as ``nn.Module.state_dict`` lists them."""
+    skip = state.get("_non_persistent_buffers_set") or set()
+    out = {f"{prefix}{k}": v.detach() for k, v in state["_parameters"].items() if v is not None}
+    out.update({f"{prefix}{k}": v for k, v in state["_buffers"].items() if v is not None and k not in skip})
+    for name, sub in state["_modules"].items():
+        if isinstance(sub, _Placeholder) and _is_module_state(sub.state):
+            out.update(_module_state_dict(sub.state, f"{prefix}{name}."))
+    return out
+
+
+def _is_module_state(state: Any) -> bool:
+    return isinstance(state, Mapping) and all(k in state for k in ("_parameters", "_buffers", "_modules"))
 
 
 def _plain(obj: Any, path: str) -> Any:
@@ -292,8 +348,8 @@ def _plain(obj: Any, path: str) -> Any:
     import numpy as np
     import torch
 
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
+    if isinstance(obj, _Placeholder) and _is_module_state(obj.state):
+        obj = _module_state_dict(obj.state)
     if isinstance(obj, torch.Tensor | np.ndarray | np.generic | bool | int | float | str) or obj is None:
         return obj
     if isinstance(obj, tuple | list):

@@ -145,7 +145,7 @@ class TimmTeacher(nn.Module):
 
 def _load_file(path: str) -> Any:
     """A teacher file through the product's safe loader (local path, ``file://``, ``s3://``, ...): never unpickles
-    code; a pickle that needs more than tensors and plain data is refused with how to convert a trusted copy."""
+    code; a pickle that needs more than tensors and plain data is refused with how to convert it."""
     from dad_core.serialization import WeightsFileError, load_torch_file
 
     if "://" not in path and not Path(path).is_file():

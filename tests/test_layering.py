@@ -100,6 +100,13 @@ def test_no_hard_coded_cuda_calls():
     assert _offenders(r"\. cuda \(", allowed=()) == []
 
 
+def test_no_full_unpickler_anywhere_in_the_product():
+    """Nothing the product reads can run code: no ``weights_only=False``, no ``pickle.load(s)``, no ``Unpickler``
+    (the restricted ``torch.load(weights_only=True)`` goes through ``dad_core.serialization``)."""
+    pattern = r"\bweights_only = False\b|\bpickle \. loads? \(|\bUnpickler\b|\b(dill|cloudpickle|joblib)\b"
+    assert _offenders(pattern, allowed=()) == []
+
+
 _HIDE_TORCH = """
     import importlib, importlib.abc, json, sys, traceback
 

@@ -14,7 +14,10 @@ STEPS = {
     "evaluate": ("evaluate", "score a student on the clean and OOD suites"),
     "register": ("register", "log the student to MLflow and register a version (alias challenger)"),
     "promote": ("promote", "move the champion alias when the challenger wins the promotion gate"),
-    "convert-checkpoint": ("convert_checkpoint", "rewrite a trusted pickled checkpoint in the safe safetensors format"),
+    "convert-checkpoint": (
+        "convert_checkpoint",
+        "rewrite a pickled checkpoint in the safe safetensors format, running nothing from it",
+    ),
 }
 
 

@@ -3,8 +3,8 @@ the ``pickle_bomb`` fixture before it is written), and the product refuses the f
 
 Loaders: teacher (path, ``file://``, ``s3://`` through SeaweedFS), student via ``dad evaluate``, ``dad register``,
 VQGAN, a cache shard, ``dad cache-teacher``; the resume and MLflow-model loaders are attacked in ``test_train.py``
-and ``test_registry_security.py``. Also: ``dad convert-checkpoint`` turns a trusted pickle into a file the product
-reads.
+and ``test_registry_security.py``. Also: ``dad convert-checkpoint`` turns a pickle into a file the product reads,
+running nothing from it.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def test_cache_teacher_cli_refuses_a_teacher_payload(tmp_path, pickle_bomb, digi
     assert not pickle_bomb.ran
 
 
-def test_convert_checkpoint_makes_a_trusted_legacy_teacher_loadable(tmp_path, digits_teacher, capsys):
+def test_convert_checkpoint_makes_a_legacy_teacher_loadable(tmp_path, digits_teacher, capsys):
     from dad_core.cli import main as dad
 
     blob = load_torch_file(digits_teacher)
@@ -164,6 +164,46 @@ def test_convert_checkpoint_makes_a_trusted_legacy_teacher_loadable(tmp_path, di
     reference = create_clip_teacher("dad-tiny-clip", checkpoint=digits_teacher, classnames=blob["classnames"])
     images = torch.rand(2, 3, 32, 32)
     assert torch.equal(teacher(images), reference(images))
+
+
+def test_convert_checkpoint_runs_nothing_and_keeps_a_whole_modules_weights(tmp_path, pickle_bomb, caplog):
+    """A pickled ``nn.Module`` (not a state dict), numpy values and an object of a class of its own: the module
+    becomes its state dict (without its non-persistent buffer), numpy values survive as numpy rebuilds them, the
+    object is dropped with a warning and none of its code runs. A live payload is refused and never runs."""
+    from dad_core.serialization import convert_pickled_file, load_tree
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model[1].register_buffer("scratch", torch.ones(1), persistent=False)
+    state = {"model": model, "acc": np.float64(0.9), "curve": np.arange(3.0), "meta": {"step": 7}}
+    torch.save({**state, "sampler": _Stateful(pickle_bomb.marker)}, tmp_path / "old.pt")
+    torch.load(tmp_path / "old.pt", weights_only=False)  # a full unpickler runs its code
+    assert pickle_bomb.ran
+    pickle_bomb.marker.unlink()
+
+    with caplog.at_level("WARNING"):
+        convert_pickled_file(tmp_path / "old.pt", tmp_path / "new.safetensors")
+
+    assert not pickle_bomb.ran
+    assert "dropping _Stateful at root.sampler" in caplog.text
+    out = load_tree(tmp_path / "new.safetensors")
+    want = model.state_dict()
+    assert set(out["model"]) == set(want) and "1.scratch" not in out["model"]
+    assert all(torch.equal(out["model"][k], v) for k, v in want.items())
+    assert float(out["acc"]) == 0.9 and np.array_equal(np.asarray(out["curve"]), np.arange(3.0))
+    assert out["meta"] == {"step": 7} and out["sampler"] is None
+    with pytest.raises(UnsafeFileError, match=r"bomb\.pt: refused, it names code no checkpoint needs"):
+        convert_pickled_file(pickle_bomb.write(tmp_path / "bomb.pt", state), tmp_path / "bomb.safetensors")
+    assert not pickle_bomb.ran and not (tmp_path / "bomb.safetensors").exists()
+
+
+class _Stateful:
+    """A class of the writer's own whose restoring code would leave a marker file if it ran."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __setstate__(self, state) -> None:
+        open(state["marker"], "w").close()
 
 
 def test_a_teacher_checkpoint_of_another_architecture_is_one_line(tmp_path, digits_teacher):
