@@ -4,8 +4,8 @@ Prints one row per op (ms per ``rand_augment`` call on ``--images`` images of ``
 one layer; CUDA events on a GPU, CPU time otherwise), and a ``geometric, merged`` row (the five geometric ops spread
 over the images: a layer resamples them together). Then, for the whole step, ``apply_views`` on a batch of clean +
 DAD images with and without RandAugment, with the draws made ahead as the loader workers make them, timed back to
-back as the training loop runs it, and how many tensor ops each makes on the device (each a launch on a GPU unless
-it is a view, and the host's time per launch is the cost).
+back as the training loop runs it, how many tensor ops each makes on the device (each a launch on a GPU unless
+it is a view, and the host's time per launch is the cost), and how far its pixels are from the same step on the CPU.
 
     python bench/randaugment_ops.py                       # GPU when there is one; 9 images (a group's share)
     python bench/randaugment_ops.py --images 4 --size 32  # the test's size
@@ -98,6 +98,15 @@ def run(args: argparse.Namespace) -> dict:
     with_randaugment = count_device_ops(
         lambda: apply_views(images, views, args.size, randaugment=POLICY, drawn=drawn), device
     )
+    # the same step on the host's CPU: on a CPU the batched resize is bit-identical to torch's, on a GPU it may differ
+    # in a value's last bit (and RandAugment's value maps can move that across a uint8 level); how far it goes there
+    host = [image.cpu() for image in images]
+    vs_cpu = {}
+    for label, policy in (("replay", ""), ("replay+randaugment", POLICY)):
+        got = apply_views(images, views, args.size, randaugment=policy, drawn=drawn if policy else None)
+        want = apply_views(host, views, args.size, randaugment=policy, drawn=drawn if policy else None)
+        diff = torch.stack([(g.cpu() - w).abs() for g, w in zip(got, want)])
+        vs_cpu[label] = {"max_abs": float(diff.max()), "share_equal": round(float((diff == 0).float().mean()), 6)}
     return {
         "device": str(device),
         "images": args.images,
@@ -106,6 +115,7 @@ def run(args: argparse.Namespace) -> dict:
         "ops": rows,
         "steps_ms": steps,
         "device_ops": {"replay": replay_ops, "replay+randaugment": with_randaugment},
+        "vs_cpu": vs_cpu,
         "torch": torch.__version__,
     }
 
@@ -125,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['op']:>22} {row['ms']:9.3f} ms")
     print("whole step (ms):", result["steps_ms"])
     print("tensor ops on the device per step (views included):", result["device_ops"])
+    print("against the same step on the CPU:", result["vs_cpu"])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

@@ -109,11 +109,16 @@ def apply_views(
     RandAugment backend.
 
     Each sample is cropped, resized with the same antialiased bilinear interpolation and flipped as
-    :func:`apply_view` does, so on a CPU the result is bit-identical and on a GPU it differs only by the
-    interpolation kernel's rounding. The crop boxes differ in size, so crop and resize run per sample (one call for
-    that sample in every tensor of ``images``, e.g. its clean image and its DAD sample); the conversion to floats,
-    the flips, RandAugment (:func:`dad_core.randaugment.rand_augment`, each view drawn from its seed) and the clamp
-    are batched.
+    :func:`apply_view` does, for all samples at once: the crop boxes differ in size, so each sample gets its own taps
+    (made on the host from torch's own weights, :func:`_tap_bank`), and a few gathers and multiply-adds resize the
+    whole batch in a number of ops that does not grow with it (it was two per sample, the host's launches being the
+    cost on a GPU). On a CPU the result is bit-identical to :func:`apply_view`; on a GPU it may differ in the last
+    bit of a value where the GPU rounds a multiply-add differently. The conversion to floats, RandAugment
+    (:func:`dad_core.randaugment.rand_augment`, each view drawn from its seed) and the clamp are batched too; every
+    tensor of ``images`` (e.g. a clean image and its DAD sample) gets its sample's view. The price is work: every
+    row of every image is resampled with the batch's widest taps, so on a CPU (a cache written without a GPU) a
+    224 px batch takes 2-3x the per-sample resize's time; a GPU does that work in about a millisecond.
+
     timm's PIL RandAugment has no identical tensor version, so a run with ``train.randaugment_backend: pil``
     replays on the CPU (:class:`~dad_core.train_data.DADPairs`).
 
@@ -128,32 +133,117 @@ def apply_views(
 
     Returns:
         For each tensor of ``images``, float32 ``[B, C, size, size]`` in [0, 1].
+
+    Raises:
+        ValueError: a view row that is not a box inside the images.
     """
     stack = torch.stack(list(images))  # [G, B, C, H, W]
     # to [0, 1] floats in one op for the whole batch, the values apply_view makes of each crop: on a GPU the host's
     # launches are the cost, and a per-sample conversion was two of the few per sample (the price: the whole images
     # in float32 for the step, 4x their uint8 size, about 150 MB for 2 x 128 at 224 px)
     stack = stack.float().div_(255.0) if stack.dtype == torch.uint8 else stack.float()
-    boxes = views.detach().to("cpu", torch.int64).tolist()  # one transfer, not five per sample
-    out = torch.empty(*stack.shape[:3], size, size, device=stack.device)
-    # [G, C, H, W] views of each sample made in one op each (every view op is some host time on a GPU)
-    for (top, left, h, w, _, _), image, target in zip(boxes, stack.unbind(1), out.unbind(1)):
-        x = image[..., top : top + h, left : left + w]
-        if (h, w) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        target.copy_(x)
-    flipped = [b for b, row in enumerate(boxes) if row[4]]
-    if flipped:  # the flipped samples in one gather, flip and scatter (a flip is exact: after the resize as ever)
-        index = copy_to_device(torch.tensor(flipped), stack.device)
-        out[:, index] = out[:, index].flip(-1)
+    boxes = views.detach().to("cpu", torch.int64).numpy()  # one transfer, not five per sample
+    (index_x, weight_x), (index_y, weight_y) = _resize_tables(boxes, size, *stack.shape[-2:], stack.device)
+    # every sample's crop, resize and flip at once: width, then height, as torch's own antialiased resize runs
+    out = _resize_pass(_resize_pass(stack, index_x, weight_x, dim=-1), index_y, weight_y, dim=-2)
     if randaugment:  # every tensor of `images` gets its sample's ops (a clean image and its DAD sample alike)
         from dad_core.randaugment import rand_augment
 
         groups = out.shape[0]
-        seeds = None if drawn is not None else [row[5] for row in boxes] * groups
+        seeds = None if drawn is not None else boxes[:, 5].tolist() * groups
         draws = None if drawn is None else drawn.repeat(groups, 1, 1)
         out = rand_augment(out.flatten(0, 1), seeds, randaugment, drawn=draws).view_as(out)
     return list(out.clamp_(0, 1).unbind(0))
+
+
+@lru_cache(maxsize=8)
+def _tap_bank(size: int, longest: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The taps of torch's antialiased bilinear resize from every length ``n`` in ``1..longest`` to ``size``.
+
+    Returns ``index`` int64 and ``weight`` float32, both ``[longest + 1, size, T]``: output ``i`` of a length-``n``
+    row is ``sum_t weight[n, i, t] * row[index[n, i, t]]``, taps in ascending order as torch sums them; and ``taps``
+    ``[longest + 1]``, how many of the ``T`` a length needs (the rest have weight 0 on an index in range).
+
+    The weights are torch's own: resizing an identity matrix gives each weight times 1 plus zeros, exactly, so the
+    batched resize has no formula of its own to drift from ``F.interpolate``'s. A length equal to ``size`` is one tap
+    of weight 1 (torch skips that pass).
+    """
+    weights = [np.zeros((size, 1), np.float32)]  # length 0: no crop has it (apply_views refuses empty boxes)
+    for n in range(1, longest + 1):
+        if n == size:
+            weights.append(np.eye(size, dtype=np.float32))
+            continue
+        eye = torch.eye(n)[None, None]
+        weights.append(
+            F.interpolate(eye, size=(n, size), mode="bilinear", align_corners=False, antialias=True)[0, 0].T.numpy()
+        )
+    firsts, counts = [], []
+    for w in weights:  # the nonzero weights of an output are one run (the triangle filter's support)
+        nonzero = w != 0
+        first = nonzero.argmax(1)
+        last = w.shape[1] - 1 - nonzero[:, ::-1].argmax(1)
+        firsts.append(first)
+        counts.append(np.where(nonzero.any(1), last - first + 1, 1))
+    width = max(int(c.max()) for c in counts)
+    index = np.zeros((longest + 1, size, width), np.int64)
+    weight = np.zeros((longest + 1, size, width), np.float32)
+    steps = np.arange(width)
+    for n, (w, first, count) in enumerate(zip(weights, firsts, counts)):
+        if n == 0:
+            continue
+        taps = np.minimum(first[:, None] + steps, n - 1)
+        index[n] = np.where(steps < count[:, None], taps, first[:, None])
+        weight[n] = np.where(steps < count[:, None], np.take_along_axis(w, taps, 1), 0)
+    return index, weight, np.array([int(c.max()) for c in counts])
+
+
+def _resize_tables(
+    boxes: np.ndarray, size: int, height: int, width: int, device: torch.device
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Per-sample taps of the crop, resize and flip of every view row in ``boxes`` (``[B, 6]``) on ``height x
+    width`` images, for :func:`_resize_pass`: ``(index, weight)`` for the width, then for the height, each
+    ``[T, B, size]`` on ``device``, made on the host with NumPy and sent in one copy."""
+    top, left, h, w, flip = (boxes[:, k] for k in range(5))
+    outside = (h < 1) | (w < 1) | (top < 0) | (left < 0) | (top + h > height) | (left + w > width)
+    if outside.any():  # a gather past the image would be an error on a CPU and a device-side assert on a GPU
+        bad = boxes[outside.argmax()].tolist()
+        raise ValueError(f"view row {bad} (top, left, height, width, ...) is not a box in a {height}x{width} image")
+    index, weight, taps = _tap_bank(size, max(height, width))
+    tables = []
+    for length, offset in ((w, left), (h, top)):
+        t = int(taps[length].max()) if len(boxes) else 1
+        tables.append([index[length, :, :t] + offset[:, None, None], weight[length, :, :t]])
+    flipped = flip.astype(bool)
+    for table in tables[0]:  # a flip reverses the width's outputs: exact, and free
+        table[flipped] = table[flipped, ::-1]
+    # [T, B, size] so each tap's rows are one contiguous block; all four in one float64 copy (exact for both)
+    parts = [np.moveaxis(t, -1, 0) for pair in tables for t in pair]
+    packed = copy_to_device(torch.from_numpy(np.concatenate([p.ravel() for p in parts]).astype(np.float64)), device)
+    out, start = [], 0
+    for p in parts:
+        out.append(packed[start : start + p.size].view(p.shape))
+        start += p.size
+    return (out[0].long(), out[1].float()), (out[2].long(), out[3].float())
+
+
+def _resize_pass(x: Tensor, index: Tensor, weight: Tensor, *, dim: int) -> Tensor:
+    """Resample ``x`` (``[G, B, C, H, W]``) along ``dim`` (-1 or -2) with each sample's taps (``[T, B, size]``).
+
+    Tap by tap: the first a product, the others one fused multiply-add onto the sum (``addcmul``), the order and
+    rounding of torch's CPU kernel, so on a CPU the result is bit-identical to ``F.interpolate`` (a test holds it
+    there). A padding tap adds ``0 * x``, which changes nothing. 2 ops per tap, whatever the batch size.
+    """
+    taps, batch, size = index.shape
+    shape = [1, batch, 1, 1, 1]
+    shape[dim] = size
+    out_shape = list(x.shape)
+    out_shape[dim] = size
+    out = None
+    for t in range(taps):
+        sample = x.gather(dim, index[t].view(shape).expand(out_shape))
+        w = weight[t].view(shape)
+        out = sample.mul_(w) if out is None else out.addcmul_(sample, w)
+    return out
 
 
 @lru_cache(maxsize=16)

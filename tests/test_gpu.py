@@ -96,6 +96,22 @@ def test_the_device_replay_queues_without_a_sync_and_matches_the_cpu():
         assert ((g.cpu() - w).abs() < 1e-6).float().mean() > 0.99
 
 
+def test_the_device_resize_is_the_cpus_but_for_the_last_bit():
+    """The batched crop + resize + flip on CUDA takes the CPU's taps (torch's own weights) and sums them in the same
+    order, so a value differs from the CPU's at most where the GPU rounds a multiply-add differently."""
+    import numpy as np
+
+    from dad_core.views import apply_views, sample_views
+
+    images = torch.randint(0, 256, (64, 3, 256, 256), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    rows = sample_views(64, 1, 256, 256, np.random.default_rng(0), scale=(0.08, 1.0), hflip=0.5)[:, 0]
+
+    (want,) = apply_views([images], rows, 224)
+    (got,) = apply_views([images.cuda()], rows, 224)
+
+    assert float((got.cpu() - want).abs().max()) <= 1e-6
+
+
 def test_the_recipe_step_queues_without_a_sync():
     """The README ImageNet recipe's step (cached teacher, mixup and cutmix, random erasing) on CUDA: no synchronising
     call, so the host queues the next step while the GPU runs this one. Both mixes are drawn over the steps."""

@@ -138,9 +138,68 @@ def test_batched_views_equal_the_per_image_replay():
         assert torch.equal(out_dad[i], apply_view(dad[i], views[i], 20))
 
 
+@pytest.mark.parametrize(
+    ("height", "width", "size"),
+    [(256, 256, 224), (300, 260, 224), (40, 36, 20), (24, 24, 64)],  # down, non-square, small, up only
+)
+def test_the_batched_resize_is_torchs_resize_bit_for_bit(height, width, size):
+    """The batched crop + resize + flip (each sample's taps, gathered and summed for all samples at once) gives on a
+    CPU exactly the pixels of ``F.interpolate`` on each crop, across downscaling, upscaling, one-pixel boxes, boxes
+    at the edges, boxes with one side at the output size (torch skips that pass) and flips."""
+    from dad_core.views import apply_views
+
+    rng = np.random.default_rng(height + width + size)
+    n = 40
+    images = torch.randint(0, 256, (n, 3, height, width), generator=torch.Generator().manual_seed(size))
+    images = images.to(torch.uint8)
+    rows = sample_views(n, 1, height, width, rng, scale=(0.01, 1.0), hflip=0.5)[:, 0]
+    edge = min(size, height, width)
+    rows[:6, :4] = torch.tensor(
+        [
+            [0, 0, 1, 1],  # one pixel
+            [height - 1, width - 1, 1, 1],  # the last pixel
+            [0, 0, height, width],  # the whole image
+            [0, width - edge, edge, 3],  # height at the output size (when it fits): only the width resized
+            [height - 3, 0, 3, edge],  # and the other way round
+            [1, 2, height - 1, width - 2],  # to the bottom-right edges
+        ]
+    )
+
+    (out,) = apply_views([images], rows, size)
+
+    for i in range(n):
+        assert torch.equal(out[i], apply_view(images[i], rows[i], size)), rows[i].tolist()
+
+
+@pytest.mark.parametrize(
+    "row",
+    [[0, 0, 0, 4, 0, 0], [0, 0, 4, 0, 0, 0], [-1, 0, 4, 4, 0, 0], [0, 0, 17, 4, 0, 0], [0, 13, 4, 4, 0, 0]],
+)
+def test_the_batched_replay_refuses_a_box_outside_the_image(row):
+    """A view row that is not a box inside the image (a corrupt or foreign cache) is named, where the per-sample
+    slicing would have resized a cut-off crop without a word."""
+    from dad_core.views import apply_views
+
+    images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    rows = torch.tensor([[0, 0, 16, 16, 0, 0], row])
+    with pytest.raises(ValueError, match=r"is not a box in a 16x16 image"):
+        apply_views([images], rows, 8)
+
+
+def test_the_resize_taps_are_normalized_and_inside_the_source():
+    from dad_core.views import _tap_bank
+
+    index, weight, taps = _tap_bank(24, 70)
+    for n in range(1, 71):
+        assert index[n].min() >= 0 and index[n].max() <= n - 1
+        np.testing.assert_allclose(weight[n].sum(-1), 1.0, rtol=1e-6)  # each output a weighted mean of its taps
+        assert (weight[n][:, taps[n] :] == 0).all()  # past a length's own taps: padding
+    assert taps[24] == 1 and taps[12] == 2 and taps[70] > 2  # the same length, upscaling, downscaling
+
+
 def test_the_batched_replay_sends_host_data_to_the_device_without_waiting(monkeypatch):
     """The step queues the replay while the GPU still runs the previous step: every host-to-device copy it makes (the
-    flipped samples, the RandAugment's packed draws) goes through ``copy_to_device`` (pinned, non-blocking), never a
+    resize's taps, the RandAugment's packed draws) goes through ``copy_to_device`` (pinned, non-blocking), never a
     ``torch.tensor(..., device=...)``, which copies from pageable memory and waits for the GPU."""
     from dad_core import randaugment, views
     from dad_core.distributed import copy_to_device
@@ -160,8 +219,8 @@ def test_the_batched_replay_sends_host_data_to_the_device_without_waiting(monkey
 
     views.apply_views([images, images], rows, 16, randaugment="rand-m9-n2-p1.0")
 
-    assert copies[0] == (torch.int64, "cpu", images.device)  # the flipped samples
-    assert [dtype for dtype, _, _ in copies].count(torch.float64) == 2  # one packed copy per RandAugment layer
+    assert copies[0] == (torch.float64, "cpu", images.device)  # the crop, resize and flip's taps, in one copy
+    assert [dtype for dtype, _, _ in copies].count(torch.float64) == 3  # and one packed copy per RandAugment layer
     assert all(kind == "cpu" for _, kind, _ in copies)  # (and the resampling's grid bounds, once per image size)
 
 
