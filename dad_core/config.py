@@ -295,9 +295,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0 = each epoch end only)
     seed: int = 0
     num_workers: int = 0
-    # Replay the cached views (crop, resize, flip, RandAugment) batched on the training device instead of in the loader
-    # workers; the loader then only copies uint8 images. With RandAugment only for randaugment_backend: tensor (timm's
-    # PIL ops stay on the CPU).
+    # Make the views (crop, resize, flip, RandAugment) batched on the training device instead of in the loader workers:
+    # the cached views, or the fresh ones of online and plain-CE runs; the loader then only copies uint8 images. With
+    # RandAugment only for randaugment_backend: tensor (timm's PIL ops stay on the CPU).
     replay_on_device: bool = False
     output_dir: str = "runs/train"
 

@@ -305,6 +305,7 @@ def _training_data(
         "hflip": t.hflip,
         "randaugment": t.randaugment,
         "randaugment_backend": t.randaugment_backend,
+        "replay_on_device": t.replay_on_device,
     }
     if not cfg.loss.uses_teacher:
         if cache_dir is not None:
@@ -328,7 +329,6 @@ def _training_data(
         seed=t.seed,
         replay=not online or replay,
         with_teacher=not online,
-        replay_on_device=t.replay_on_device,
         **views,
     )
     return dataset, cache.manifest

@@ -26,6 +26,27 @@ _logger = logging.getLogger(__name__)
 REPLAY_HOST_KEYS = ("view", "randaugment")
 
 
+def _replays_on_device(replay_on_device: bool, randaugment: str, backend: str) -> bool:
+    """Whether the views can be made in the training step: not with timm's PIL RandAugment, which is said once."""
+    if replay_on_device and randaugment and backend != "tensor":
+        _logger.warning(
+            "replay_on_device: timm's PIL RandAugment (%s) has no device form; views replay on the CPU "
+            "(train.randaugment_backend=tensor replays it on the device)",
+            randaugment,
+        )
+        return False
+    return replay_on_device
+
+
+def _replay_item(view: Tensor, randaugment: str) -> dict[str, Tensor]:
+    """The host part of a ``replay_on_device`` item: the ``[6]`` view row and, with RandAugment, its draws, made
+    here so that the training step only applies them."""
+    item = {"view": view}
+    if randaugment:
+        item["randaugment"] = encode_ops(int(view[5]), randaugment)
+    return item
+
+
 def _fresh_view(image: Tensor, rng: np.random.Generator, crop_scale: tuple[float, float], hflip: float) -> Tensor:
     """A new random view of a ``[3, H, W]`` image, as the ``[6]`` row :func:`~dad_core.views.apply_view` reads."""
     v = sample_view(image.shape[1], image.shape[2], rng, scale=crop_scale, hflip=hflip)
@@ -66,13 +87,7 @@ class DADPairs(Dataset):
         self.replay, self.with_teacher = replay and cache.views > 0, with_teacher
         self.crop_scale, self.hflip, self.randaugment = crop_scale, hflip, randaugment
         self.backend = randaugment_backend
-        self.on_device = replay_on_device and (not randaugment or randaugment_backend == "tensor")
-        if replay_on_device and not self.on_device:
-            _logger.warning(
-                "replay_on_device: timm's PIL RandAugment (%s) has no device form; views replay on the CPU "
-                "(train.randaugment_backend=tensor replays it on the device)",
-                randaugment,
-            )
+        self.on_device = _replays_on_device(replay_on_device, randaugment, randaugment_backend)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -94,9 +109,8 @@ class DADPairs(Dataset):
         else:
             r, view = None, _fresh_view(clean, rng, self.crop_scale, self.hflip)
         if self.on_device:  # no view: the whole image, resized as in the branch below; seed -1: no RandAugment
-            item["view"] = view if view is not None else torch.tensor([0, 0, *clean.shape[1:], 0, -1])
-            if self.randaugment:  # the view's RandAugment draws, made here so the training step only applies them
-                item["randaugment"] = encode_ops(int(item["view"][5]), self.randaugment)
+            whole = torch.tensor([0, 0, *clean.shape[1:], 0, -1])
+            item.update(_replay_item(view if view is not None else whole, self.randaugment))
         for name, image in (("clean", clean), ("dad", dad)):
             if self.on_device:
                 item[name] = image  # uint8 as stored; collating copies it out of the memory-mapped shard
@@ -117,7 +131,8 @@ def replay_views(batch: dict[str, Tensor], image_size: int, *, randaugment: str 
     """Turn a ``replay_on_device`` batch into the batch the CPU replay yields, on the batch's device.
 
     Args:
-        batch: a collated :class:`DADPairs` batch with uint8 ``[B, 3, H, W]`` ``clean``/``dad``, ``[B, 6]``
+        batch: a collated :class:`DADPairs` (or :class:`CleanViews`) batch with uint8 ``[B, 3, H, W]``
+            ``clean``/``dad`` (``clean`` alone from :class:`CleanViews`), ``[B, 6]``
             ``view`` and, with RandAugment, the ``[B, layers, 2]`` ``randaugment`` draws (both on the host); a batch
             without ``view`` is returned as it is.
         image_size: the side of the views.
@@ -145,6 +160,9 @@ class CleanViews(Dataset):
     images get the bytes a cache would store (``images`` should use the cache's resize + center-crop transform,
     rounded here to uint8) and the views are drawn exactly as :class:`DADPairs` draws fresh ones, so a plain-CE
     run sees the same augmentation as an online-teacher run with the same seed.
+
+    ``replay_on_device=True`` leaves the pixels to the training step as :class:`DADPairs` does: items hold the uint8
+    ``clean`` image, its ``view`` row and, with the ``tensor`` RandAugment, the view's draws.
     """
 
     def __init__(
@@ -157,10 +175,12 @@ class CleanViews(Dataset):
         hflip: float,
         randaugment: str = "",
         randaugment_backend: str = "pil",
+        replay_on_device: bool = False,
     ) -> None:
         self.images, self.image_size, self.seed = images, image_size, seed
         self.crop_scale, self.hflip, self.randaugment = crop_scale, hflip, randaugment
         self.backend = randaugment_backend
+        self.on_device = _replays_on_device(replay_on_device, randaugment, randaugment_backend)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -173,9 +193,12 @@ class CleanViews(Dataset):
         image, label = self.images[index]
         clean = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)  # as the teacher cache stores it
         view = _fresh_view(clean, np.random.default_rng([self.seed, self.epoch, index]), self.crop_scale, self.hflip)
+        label = torch.tensor(label, dtype=torch.long)
+        if self.on_device:
+            return {"clean": clean, "label": label, **_replay_item(view, self.randaugment)}
         return {
             "clean": apply_view(clean, view, self.image_size, randaugment=self.randaugment, backend=self.backend),
-            "label": torch.tensor(label, dtype=torch.long),
+            "label": label,
         }
 
 

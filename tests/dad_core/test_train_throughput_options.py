@@ -1,6 +1,7 @@
 """Issue 15's training options end to end on the digits: ``train.replay_on_device`` trains to the same weights as
-the CPU replay (also with the tensor RandAugment backend), and under ``cache.verify: lazy`` a corrupt shard stops
-``fit`` naming the file (start-up reads no shard; the per-shard checks are in test_teacher_cache.py)."""
+the CPU replay (also with the tensor RandAugment backend, and for plain CE's fresh views), and under
+``cache.verify: lazy`` a corrupt shard stops ``fit`` naming the file (start-up reads no shard; the per-shard checks
+are in test_teacher_cache.py)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,28 @@ def test_replay_on_device_trains_to_the_weights_of_the_cpu_replay(
     # the loop keeps the view rows (and the loader's RandAugment draws) on the host for the replay
     assert (["randaugment", "view"] if randaugment else ["view"]) in kept_on_host
     assert reports[True]["final"]["loss"] == pytest.approx(reports[False]["final"]["loss"], rel=1e-4)
+    for key, value in weights[False].items():
+        torch.testing.assert_close(weights[True][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_plain_ce_replays_on_device_to_the_weights_of_the_loader(digits_root, tmp_path, monkeypatch):
+    """Plain CE (no teacher, no cache) makes its fresh views in the training step too, with the same result."""
+    import dad_core.train
+
+    weights, replayed = {}, []
+    replay = dad_core.train.replay_views
+
+    def replay_spy(batch, *args, **kwargs):
+        replayed.append("view" in batch)
+        return replay(batch, *args, **kwargs)
+
+    monkeypatch.setattr(dad_core.train, "replay_views", replay_spy)
+    for on_device in (False, True):
+        replayed.clear()
+        cfg = _cfg(f"train.replay_on_device={str(on_device).lower()}", "loss.kd_weight=0", *RAND_TENSOR)
+        fit(cfg, digits_root, None, tmp_path / str(on_device), progress=False, tracker=NullTracker())
+        weights[on_device] = load_checkpoint(tmp_path / str(on_device) / "model")[0]["model"]
+        assert replayed and all(replayed) == on_device  # the step made the views, or the loader did
     for key, value in weights[False].items():
         torch.testing.assert_close(weights[True][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
