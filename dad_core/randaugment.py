@@ -412,38 +412,42 @@ def _affine_matrices(name: str, args: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def _pixel_grid(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """The output pixel centres (x and y, float64 ``[H, W]``) and the last column and row (long ``[1, 2, 1, 1]``)."""
+def _pixel_grid(h: int, w: int, device: torch.device) -> tuple[Tensor, ...]:
+    """What :func:`_resample` needs on the device for ``h x w`` images, made once: the output pixel centres (x and y,
+    float64 ``[H, W]``), the size (``[1, 2, 1, 1]`` (w, h), float64) and the last column and row (long, the same
+    shape), and the offsets of a position's two neighbours along each axis (long ``[1, 2, 1, 1, 1]``: 0 and 1)."""
     ys, xs = torch.meshgrid(
         torch.arange(h, device=device, dtype=torch.float64) + 0.5,
         torch.arange(w, device=device, dtype=torch.float64) + 0.5,
         indexing="ij",
     )
-    return xs, ys, copy_to_device(torch.tensor([w - 1, h - 1]), device).view(1, 2, 1, 1)
+    size = torch.tensor([float(w), float(h)], dtype=torch.float64).view(1, 2, 1, 1)
+    last = torch.tensor([w - 1, h - 1]).view(1, 2, 1, 1)
+    steps = torch.tensor([0, 1]).view(1, 2, 1, 1, 1)
+    return xs, ys, *(copy_to_device(t, device) for t in (size, last, steps))
 
 
 def _resample(x: Tensor, m: Tensor) -> Tensor:
     """``x`` through the affine matrices ``m`` (``[N, 6]``, :func:`_affine_matrices`) in PIL's own arithmetic: each
     output pixel centre ``p`` reads the input at ``M p + t`` (doubles, pixel units, origin at the top-left corner); a
     position outside the image reads the fill; inside, the two rows are blended along x and then along y from the
-    four pixels around it (edge pixels repeated) and the result truncated to an integer. Clamped and rounded.
+    four pixels around it (edge pixels repeated) and the result truncated to an integer (in [0, 255]: a blend of
+    pixels).
 
     The x and y coordinates go through each step together, and the four neighbours through one gather: every op is a
     launch on a GPU, and the host's launches are what this costs there."""
     n, c, h, w = x.shape
-    xs, ys, last = _pixel_grid(h, w, x.device)
+    xs, ys, size, last, steps = _pixel_grid(h, w, x.device)
     m = m.view(n, 2, 3, 1, 1)
     # elementwise, not a matmul (which a GPU may run in TF32): [N, 2, H, W] input positions (x, y) in pixels
     src = m[:, :, 0] * xs + m[:, :, 1] * ys + m[:, :, 2]
-    inside = (src >= 0).all(dim=1) & (src[:, 0] < w) & (src[:, 1] < h)
+    inside = ((src >= 0) & (src < size)).all(dim=1)
     shifted = src - 0.5
     low = torch.floor(shifted)
     frac = shifted - low  # [N, 2, H, W]: the blend weights along x and along y
-    low = low.long()
-    first = torch.clamp(low, max=last).clamp_min_(0)  # the neighbours' columns and rows, edge pixels repeated
-    second = torch.clamp(low + 1, max=last).clamp_min_(0)
-    rows = torch.stack([first[:, 1], second[:, 1]], dim=1) * w  # [N, 2, H, W]: upper and lower row offsets
-    cols = torch.stack([first[:, 0], second[:, 0]], dim=1)  # left and right columns
+    # [N, 2 (first, second), 2 (x, y), H, W]: the neighbours' columns and rows, edge pixels repeated
+    near_at = torch.minimum(low.long()[:, None] + steps, last).clamp_min_(0)
+    rows, cols = near_at[:, :, 1] * w, near_at[:, :, 0]  # [N, 2, H, W]: upper and lower rows, left and right columns
     where = (rows[:, :, None] + cols[:, None]).view(n, 1, 4 * h * w)  # [N, 1, 4 H W]: (upper, lower) x (left, right)
     # gathered in float32, which holds the integer pixels exactly: the blend below promotes them to doubles (the
     # weights are doubles) with the same values, at half the memory traffic of gathering doubles
@@ -451,5 +455,7 @@ def _resample(x: Tensor, m: Tensor) -> Tensor:
     left, right = near[:, :, :, 0], near[:, :, :, 1]  # [N, C, 2 (upper, lower), H, W]
     across = left + (right - left) * frac[:, None, None, 0]
     upper, lower = across[:, :, 0], across[:, :, 1]
+    # a blend of two values lies between them (rounding keeps it there), so this is an integer in [0, 255]: already
+    # clamped and rounded, as every op's output must be
     out = torch.floor(upper + (lower - upper) * frac[:, None, 1]).to(x.dtype)
-    return torch.where(inside[:, None], out, _FILL).clamp_(0, 255).round_()
+    return torch.where(inside[:, None], out, _FILL)

@@ -218,10 +218,12 @@ def test_the_batched_replay_sends_host_data_to_the_device_without_waiting(monkey
     rows = torch.tensor([[0, 0, 20, 16, i % 2, 40 + i] for i in range(6)])
 
     views.apply_views([images, images], rows, 16, randaugment="rand-m9-n2-p1.0")
+    assert copies and all(kind == "cpu" for _, kind, _ in copies)  # with what is made once per size (the grid)
+    copies.clear()
+    views.apply_views([images, images], rows, 16, randaugment="rand-m9-n2-p1.0")  # as every later step
 
     assert copies[0] == (torch.float64, "cpu", images.device)  # the crop, resize and flip's taps, in one copy
-    assert [dtype for dtype, _, _ in copies].count(torch.float64) == 3  # and one packed copy per RandAugment layer
-    assert all(kind == "cpu" for _, kind, _ in copies)  # (and the resampling's grid bounds, once per image size)
+    assert copies[1:] == [(torch.float64, "cpu", images.device)] * 2  # and one packed copy per RandAugment layer
 
 
 def test_pil_randaugment_survives_posterize_to_zero_bits():
