@@ -286,3 +286,14 @@ def test_randaugment_ops_times_every_op_through_the_batched_path(tmp_path):
     assert result["vs_cpu"]["replay"] == {"max_abs": 0.0, "share_equal": 1.0}  # on a CPU: the CPU's own pixels
     counted = randaugment_ops.count_device_ops(lambda: torch.ones(2, 2) + 1, torch.device("cpu"))
     assert counted == 2  # ones, add
+
+
+@pytest.mark.parametrize("script", ["bench/gpu_run.sh", "bench/gpu_next.sh"])
+def test_the_gpu_scripts_parse(script):
+    """The GPU scripts only run where a device is lent: a syntax slip would cost that run. (Both were run on this CPU
+    with FULL=0 when written; bash -n keeps them parseable since.)"""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert subprocess.run(["bash", "-n", str(root / script)], capture_output=True, text=True).returncode == 0
