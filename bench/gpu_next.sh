@@ -13,8 +13,8 @@
 # 5. generation with CUDA graphs, then with max-autotune, each beside the naive bf16 step (gen-cudagraphs.json,
 #    gen-autotune.json), under what is left of the 565 s.
 # Each step has its own limit and JSON, so a step stopped at its limit loses only itself; log.txt has every step's
-# output and exit code (124: stopped at its limit). FULL=0 tries the script on a CPU with the tiny configurations
-# (the GPU tests then skip); PYTHON picks the interpreter (python3).
+# output and exit code (124: stopped at its limit; 137: killed 10 s after it). FULL=0 tries the script on a CPU with
+# the tiny configurations (the GPU tests then skip); PYTHON picks the interpreter (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,7 +25,9 @@ mkdir -p "$R"
 LOG=$R/log.txt
 SITE=/tmp/dad-bench-site
 
-RUN_ALL=0 THROUGHPUT=0 RESULTS=$R PYTHON=$PY bash bench/gpu_run.sh >"$LOG" 2>&1
+echo "== the install (limit 120 s)" >"$LOG"
+RUN_ALL=0 THROUGHPUT=0 RESULTS=$R PYTHON=$PY timeout -k 5 120 bash bench/gpu_run.sh >>"$LOG" 2>&1
+echo "exit code $?" >>"$LOG"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if ! "$PY" -c "import pytest" 2>/dev/null && ls bench/wheels/pytest-*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-deps --no-compile --no-cache-dir --target "$SITE" --no-index \
@@ -46,7 +48,7 @@ step() {  # step LIMIT_S COMMAND...: run it under its limit, its output and exit
         echo "skipped: no time left" >>"$LOG"
         return
     fi
-    timeout "$limit" "$@" >>"$LOG" 2>&1
+    timeout -k 10 "$limit" "$@" >>"$LOG" 2>&1  # and killed 10 s later if it ignores the signal
     echo "exit code $?" >>"$LOG"
 }
 step 170 "$PY" bench/training.py "${full[@]}" --rows plain,cached-replay,cached-replay-randaugment \

@@ -112,18 +112,21 @@ def apply_views(
     :func:`apply_view` does, for all samples at once: the crop boxes differ in size, so each sample gets its own taps
     (made on the host from torch's own weights, :func:`_tap_bank`), and a few gathers and multiply-adds resize the
     whole batch in a number of ops that does not grow with it (it was two per sample, the host's launches being the
-    cost on a GPU). On a CPU the result is bit-identical to :func:`apply_view`; on a GPU it may differ in the last
-    bit of a value where the GPU rounds a multiply-add differently. The conversion to floats, RandAugment
-    (:func:`dad_core.randaugment.rand_augment`, each view drawn from its seed) and the clamp are batched too; every
-    tensor of ``images`` (e.g. a clean image and its DAD sample) gets its sample's view. The price is work: every
-    row of every image is resampled with the batch's widest taps, so on a CPU (a cache written without a GPU) a
-    224 px batch takes 2-3x the per-sample resize's time; a GPU does that work in about a millisecond.
+    cost on a GPU). On a CPU the result is bit-identical to :func:`apply_view` for crops up to twice ``size`` (every
+    crop the product makes: the cache stores its images at ``size``); past that, and on a GPU, a value may differ in
+    its last bit, where torch's compiled kernel (or the GPU) fuses a multiply-add this sum rounds twice. The
+    conversion to floats, RandAugment (:func:`dad_core.randaugment.rand_augment`, each view drawn from its seed) and
+    the clamp are batched too; every tensor of ``images`` (e.g. a clean image and its DAD sample) gets its sample's
+    view. The price is work: every row of every image is resampled with the batch's widest taps, so on a CPU (a
+    cache written without a GPU) a 224 px batch takes 2-3x the per-sample resize's time; a GPU does that work in
+    about a millisecond.
 
     timm's PIL RandAugment has no identical tensor version, so a run with ``train.randaugment_backend: pil``
     replays on the CPU (:class:`~dad_core.train_data.DADPairs`).
 
     Args:
-        images: tensors of uint8 or float ``[B, C, H, W]`` images on one device, all viewed through ``views``.
+        images: tensors of uint8 or finite float ``[B, C, H, W]`` images on one device, all viewed through
+            ``views`` (an infinite value becomes NaN: the padding taps weigh every pixel by 0).
         views: ``[B, 6]`` int rows ``(top, left, height, width, flip, seed)``; the seed draws the RandAugment ops
             (a negative seed: none).
         size: output side.
@@ -166,35 +169,29 @@ def _tap_bank(size: int, longest: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
     The weights are torch's own: resizing an identity matrix gives each weight times 1 plus zeros, exactly, so the
     batched resize has no formula of its own to drift from ``F.interpolate``'s. A length equal to ``size`` is one tap
-    of weight 1 (torch skips that pass).
+    of weight 1 (torch skips that pass). Made once per (size, longest); about 0.1 s for 224 px images.
     """
-    weights = [np.zeros((size, 1), np.float32)]  # length 0: no crop has it (apply_views refuses empty boxes)
+    per_length = [(np.zeros((size, 1), np.int64), np.zeros((size, 1), np.float32))]  # 0: no box has it
     for n in range(1, longest + 1):
         if n == size:
-            weights.append(np.eye(size, dtype=np.float32))
+            per_length.append((np.arange(size)[:, None], np.ones((size, 1), np.float32)))
             continue
         eye = torch.eye(n)[None, None]
-        weights.append(
-            F.interpolate(eye, size=(n, size), mode="bilinear", align_corners=False, antialias=True)[0, 0].T.numpy()
-        )
-    firsts, counts = [], []
-    for w in weights:  # the nonzero weights of an output are one run (the triangle filter's support)
-        nonzero = w != 0
+        dense = F.interpolate(eye, size=(n, size), mode="bilinear", align_corners=False, antialias=True)[0, 0].T.numpy()
+        nonzero = dense != 0  # an output's nonzero weights are one run (the triangle filter's support)
         first = nonzero.argmax(1)
-        last = w.shape[1] - 1 - nonzero[:, ::-1].argmax(1)
-        firsts.append(first)
-        counts.append(np.where(nonzero.any(1), last - first + 1, 1))
-    width = max(int(c.max()) for c in counts)
-    index = np.zeros((longest + 1, size, width), np.int64)
-    weight = np.zeros((longest + 1, size, width), np.float32)
-    steps = np.arange(width)
-    for n, (w, first, count) in enumerate(zip(weights, firsts, counts)):
-        if n == 0:
-            continue
-        taps = np.minimum(first[:, None] + steps, n - 1)
-        index[n] = np.where(steps < count[:, None], taps, first[:, None])
-        weight[n] = np.where(steps < count[:, None], np.take_along_axis(w, taps, 1), 0)
-    return index, weight, np.array([int(c.max()) for c in counts])
+        count = np.where(nonzero.any(1), n - nonzero[:, ::-1].argmax(1) - first, 1)
+        steps = np.arange(int(count.max()))
+        used = steps < count[:, None]
+        index = np.where(used, np.minimum(first[:, None] + steps, n - 1), first[:, None])
+        per_length.append((index, np.where(used, np.take_along_axis(dense, index, 1), 0).astype(np.float32)))
+    taps = np.array([index.shape[1] for index, _ in per_length])
+    index = np.zeros((longest + 1, size, taps.max()), np.int64)
+    weight = np.zeros((longest + 1, size, taps.max()), np.float32)
+    for n, (i, w) in enumerate(per_length):  # padded: index in range (the first tap's), weight 0
+        index[n] = np.concatenate([i, np.repeat(i[:, :1], index.shape[2] - i.shape[1], 1)], 1)
+        weight[n, :, : w.shape[1]] = w
+    return index, weight, taps
 
 
 def _resize_tables(
@@ -229,9 +226,11 @@ def _resize_tables(
 def _resize_pass(x: Tensor, index: Tensor, weight: Tensor, *, dim: int) -> Tensor:
     """Resample ``x`` (``[G, B, C, H, W]``) along ``dim`` (-1 or -2) with each sample's taps (``[T, B, size]``).
 
-    Tap by tap: the first a product, the others one fused multiply-add onto the sum (``addcmul``), the order and
-    rounding of torch's CPU kernel, so on a CPU the result is bit-identical to ``F.interpolate`` (a test holds it
-    there). A padding tap adds ``0 * x``, which changes nothing. 2 ops per tap, whatever the batch size.
+    Tap by tap: the first a product, the others one multiply-add onto the sum (``addcmul``), in the order of torch's
+    CPU kernel and, for up to four taps (downscaling by up to 2x), with its rounding: there the result is
+    bit-identical to ``F.interpolate`` on a CPU (a test holds it). With more taps torch's compiled loop fuses some
+    multiply-adds into one rounding, so a value may differ in its last bit. A padding tap adds ``0 * x``, which
+    changes nothing. 2 ops per tap, whatever the batch size.
     """
     taps, batch, size = index.shape
     shape = [1, batch, 1, 1, 1]

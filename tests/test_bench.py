@@ -283,7 +283,8 @@ def test_randaugment_ops_times_every_op_through_the_batched_path(tmp_path):
     assert all(row["ms"] > 0 for row in result["ops"]) and set(result["steps_ms"]) == {"replay", "replay+randaugment"}
     assert 0 < result["device_ops"]["replay"] < result["device_ops"]["replay+randaugment"] < 1000
     assert result["device_ops"]["replay"] < 60  # the resize is batched: its ops do not grow with the batch
-    assert result["vs_cpu"]["replay"] == {"max_abs": 0.0, "share_equal": 1.0}  # on a CPU: the CPU's own pixels
+    # on a CPU the step is compared with itself: this holds the field's form (a GPU run fills it with news)
+    assert result["vs_cpu"]["replay"] == {"max_abs": 0.0, "share_equal": 1.0}
     counted = randaugment_ops.count_device_ops(lambda: torch.ones(2, 2) + 1, torch.device("cpu"))
     assert counted == 2  # ones, add
 
