@@ -19,6 +19,7 @@ __all__ = [
     "WorldInfo",
     "barrier",
     "cleanup_distributed",
+    "copy_arrays_to_device",
     "copy_to_device",
     "getenv",
     "init_distributed",
@@ -70,6 +71,15 @@ def copy_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if t.device.type == "cpu" and device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def copy_arrays_to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Host arrays on ``device`` in one :func:`copy_to_device` (one copy, not one per array, each a launch): packed
+    as float64, which holds float32 values and integers below 2**53 exactly, and returned as float64 views in each
+    array's shape."""
+    packed = np.concatenate([a.ravel() for a in arrays]).astype(np.float64)
+    parts = copy_to_device(torch.from_numpy(packed), device).split([a.size for a in arrays])
+    return [part.view(a.shape) for part, a in zip(parts, arrays, strict=True)]
 
 
 def init_distributed(device: str | None = None) -> tuple[WorldInfo, torch.device]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dad_core.distributed import copy_to_device
+from dad_core.distributed import copy_arrays_to_device, copy_to_device
 
 __all__ = ["RandAugmentSpec", "draw_ops", "encode_ops", "parse_randaugment", "rand_augment"]
 
@@ -257,19 +257,19 @@ def _layer(x: Tensor, groups: list[tuple[str, np.ndarray, np.ndarray]]) -> Tenso
     sizes = [len(samples) for _, samples, _ in groups]
     counts = [sum(size for size, st in zip(sizes, stages) if st == k) for k in range(4)]
     total = sum(sizes)
-    packed = np.concatenate([
-        *(samples.astype(np.float64) for _, samples, _ in groups),
-        *(args for _, _, args in groups),  # PIL's are doubles
-        *(_arg_tables(name, args).ravel() for (name, _, args), st in zip(groups, stages) if st == 0),
-        *(_affine_matrices(name, args, h, w).ravel() for (name, _, args), st in zip(groups, stages) if st == 3),
-    ])  # fmt: skip
-    packed = copy_to_device(torch.from_numpy(packed), x.device)  # no wait for the GPU's queue
-    index, args = packed[:total].long(), packed[total : 2 * total]
-    offset = 2 * total
+    arg_tables = [_arg_tables(name, args) for (name, _, args), st in zip(groups, stages) if st == 0]
+    affine = [_affine_matrices(name, args, h, w) for (name, _, args), st in zip(groups, stages) if st == 3]
+    on_host = [
+        np.concatenate([samples for _, samples, _ in groups]),
+        np.concatenate([args for _, _, args in groups]),  # PIL's are doubles
+        np.concatenate([np.empty((0, 256)), *arg_tables]),  # [counts[0], 256]
+        np.concatenate([np.empty((0, 6)), *affine]),  # [counts[3], 6]
+    ]
+    index, args, host_tables, matrices = copy_arrays_to_device(on_host, x.device)  # no wait for the GPU's queue
+    index = index.long()
     tables = []
     if counts[0]:  # value maps made on the host
-        tables.append(packed[offset : offset + counts[0] * 256].view(-1, 1, 256).float().expand(-1, c, -1))
-        offset += counts[0] * 256
+        tables.append(host_tables.view(-1, 1, 256).float().expand(-1, c, -1))
     start = 0
     for (name, _, _), size, st in zip(groups, sizes, stages):
         if st == 1:  # value maps made from the pixels
@@ -283,7 +283,7 @@ def _layer(x: Tensor, groups: list[tuple[str, np.ndarray, np.ndarray]]) -> Tenso
         x[rows] = _lookup(x[rows], torch.cat(tables))
     if counts[3]:
         rows = index[total - counts[3] :]
-        x[rows] = _resample(x[rows], packed[offset:].view(-1, 6))
+        x[rows] = _resample(x[rows], matrices)
     return x
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dad_core.distributed import copy_to_device
+from dad_core.distributed import copy_arrays_to_device
 
 __all__ = ["ViewSpec", "apply_view", "apply_views", "sample_view", "sample_views"]
 
@@ -213,14 +213,11 @@ def _resize_tables(
     flipped = flip.astype(bool)
     for table in tables[0]:  # a flip reverses the width's outputs: exact, and free
         table[flipped] = table[flipped, ::-1]
-    # [T, B, size] so each tap's rows are one contiguous block; all four in one float64 copy (exact for both)
-    parts = [np.moveaxis(t, -1, 0) for pair in tables for t in pair]
-    packed = copy_to_device(torch.from_numpy(np.concatenate([p.ravel() for p in parts]).astype(np.float64)), device)
-    out, start = [], 0
-    for p in parts:
-        out.append(packed[start : start + p.size].view(p.shape))
-        start += p.size
-    return (out[0].long(), out[1].float()), (out[2].long(), out[3].float())
+    # [T, B, size] so each tap's rows are one contiguous block; all four in one copy
+    x_index, x_weight, y_index, y_weight = copy_arrays_to_device(
+        [np.moveaxis(t, -1, 0) for pair in tables for t in pair], device
+    )
+    return (x_index.long(), x_weight.float()), (y_index.long(), y_weight.float())
 
 
 def _resize_pass(x: Tensor, index: Tensor, weight: Tensor, *, dim: int) -> Tensor:

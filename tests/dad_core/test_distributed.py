@@ -13,6 +13,7 @@ from dad_core.distributed import (
     WorldInfo,
     barrier,
     cleanup_distributed,
+    copy_arrays_to_device,
     copy_to_device,
     getenv,
     init_distributed,
@@ -84,6 +85,23 @@ def test_copy_to_device_goes_through_pinned_memory_without_blocking_on_a_gpu(mon
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: Pinned())
     assert copy_to_device(t, torch.device("cuda")) == "on the device"
     assert calls == [("cuda", True)]
+
+
+def test_host_arrays_go_to_the_device_in_one_copy_and_come_back_exact(monkeypatch):
+    import dad_core.distributed as distributed
+
+    copies = []
+    monkeypatch.setattr(distributed, "copy_to_device", lambda t, device: copies.append(t.dtype) or t.to(device))
+    index = np.array([[0, 7], [2**40, 3]], dtype=np.int64)
+    weight = np.array([0.1, 1 / 3, 2.5e-8], dtype=np.float32)
+    empty = np.empty((0, 6))
+
+    got = copy_arrays_to_device([index, weight, empty], torch.device("cpu"))
+
+    assert copies == [torch.float64]  # one copy for all three
+    assert [tuple(t.shape) for t in got] == [(2, 2), (3,), (0, 6)]
+    assert np.array_equal(got[0].long().numpy(), index)
+    assert np.array_equal(got[1].float().numpy(), weight)  # float32 values survive float64 exactly
 
 
 def _draws():

@@ -220,7 +220,7 @@ def test_the_batched_replay_sends_host_data_to_the_device_without_waiting(monkey
     """The step queues the replay while the GPU still runs the previous step: every host-to-device copy it makes (the
     resize's taps, the RandAugment's packed draws) goes through ``copy_to_device`` (pinned, non-blocking), never a
     ``torch.tensor(..., device=...)``, which copies from pageable memory and waits for the GPU."""
-    from dad_core import randaugment, views
+    from dad_core import distributed, randaugment, views
     from dad_core.distributed import copy_to_device
 
     copies = []
@@ -229,7 +229,7 @@ def test_the_batched_replay_sends_host_data_to_the_device_without_waiting(monkey
         copies.append((t.dtype, t.device.type, device))
         return copy_to_device(t, device)
 
-    monkeypatch.setattr(views, "copy_to_device", spy)
+    monkeypatch.setattr(distributed, "copy_to_device", spy)  # under distributed.copy_arrays_to_device
     monkeypatch.setattr(randaugment, "copy_to_device", spy)
     tensor = torch.tensor
     monkeypatch.setattr(torch, "tensor", lambda *a, **k: tensor(*a, **k) if "device" not in k else pytest.fail(str(k)))
