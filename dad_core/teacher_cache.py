@@ -452,7 +452,7 @@ def _preview_rows(root: Path, total_shards: int, n: int) -> list[tuple[list[Tens
     picks = []
     shard_ids = sorted({round(i * (total_shards - 1) / max(n - 1, 1)) for i in range(n)})
     for shard_id in shard_ids:
-        shard = torch.load(_shard_paths(root, shard_id)[0], map_location="cpu", weights_only=True, mmap=True)
+        shard = load_torch_file(_shard_paths(root, shard_id)[0], mmap=True)
         picks += [(j, shard_id, shard) for j in range(len(shard.get("preview_pred", [])))]
     rows = []
     for j, _, shard in sorted(picks, key=lambda pick: pick[:2])[:n]:

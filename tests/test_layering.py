@@ -107,6 +107,12 @@ def test_no_full_unpickler_anywhere_in_the_product():
     assert _offenders(pattern, allowed=()) == []
 
 
+def test_every_torch_load_is_the_safe_loaders():
+    """The restricted unpickler is reached through ``serialization.load_torch_file`` alone, which refuses a payload in
+    one line naming the file and the convert command; a bare ``torch.load`` elsewhere would bypass that."""
+    assert _offenders(r"\btorch \. load \(", allowed=(PACKAGE / "serialization.py",)) == []
+
+
 _HIDE_TORCH = """
     import importlib, importlib.abc, json, sys, traceback
 

@@ -4,7 +4,8 @@ the ``pickle_bomb`` fixture before it is written), and the product refuses the f
 Loaders: teacher (path, ``file://``, ``s3://`` through SeaweedFS), student via ``dad evaluate``, ``dad register``,
 VQGAN, a cache shard, ``dad cache-teacher``; the resume and MLflow-model loaders are attacked in ``test_train.py``
 and ``test_registry_security.py``. Also: ``dad convert-checkpoint`` turns a pickle into a file the product reads,
-running nothing from it.
+running nothing from it, and neither it nor the Lightning placeholders run a payload through a callable torch does not
+refuse by name (exec, eval, subprocess, runpy, an import).
 """
 
 from __future__ import annotations
@@ -216,3 +217,59 @@ def test_a_teacher_checkpoint_of_another_architecture_is_one_line(tmp_path, digi
     with pytest.raises(TeacherCheckpointError, match=rf"does not fit dad-tiny-clip: .*{key}") as info:
         create_clip_teacher("dad-tiny-clip", checkpoint=tmp_path / "other.safetensors", classnames=blob["classnames"])
     _one_line(info.value)
+
+
+class _Reduces:
+    """Pickles as ``call(*args)``: a payload through a callable torch's restricted unpickler does not refuse by name
+    (only os, posix, nt and sys are refused outright), so only the placeholders stand between it and running."""
+
+    def __init__(self, call, *args) -> None:
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+def _live_payloads(marker):
+    import importlib
+    import runpy
+    import subprocess
+
+    touch = f"open({str(marker)!r}, 'w').close()"
+    return {
+        "exec": _Reduces(exec, touch),
+        "eval": _Reduces(eval, touch),
+        "subprocess": _Reduces(subprocess.Popen, ["touch", str(marker)]),
+        "runpy": _Reduces(runpy._run_code, touch, {}),
+        "import": _Reduces(importlib.import_module, "this"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["exec", "eval", "subprocess", "runpy", "import"])
+def test_callables_torch_allows_by_name_never_run_through_placeholders_or_convert(tmp_path, kind):
+    """The two places that load a file's classes as placeholders (Lightning checkpoints, ``dad convert-checkpoint``)
+    against payloads calling exec, eval, subprocess, runpy or an import: each call becomes an inert placeholder."""
+    import pickle
+    import subprocess
+
+    from dad_core.serialization import _Placeholder, convert_pickled_file, load_tree
+
+    marker = tmp_path / "PAYLOAD_RAN"
+    payload = _live_payloads(marker)[kind]
+    if kind != "import":  # live under plain pickle (an import leaves no file: its harm is the module's own code)
+        ran = pickle.loads(pickle.dumps(payload))
+        if isinstance(ran, subprocess.Popen):
+            ran.wait()
+        assert marker.exists()
+        marker.unlink()
+    torch.save({"weight": torch.ones(2), "payload": payload}, tmp_path / "file.ckpt")
+
+    with pytest.raises(UnsafeFileError, match=REFUSED):
+        load_torch_file(tmp_path / "file.ckpt")
+    loaded = load_torch_file(tmp_path / "file.ckpt", placeholders=True)
+    convert_pickled_file(tmp_path / "file.ckpt", tmp_path / "file.safetensors")
+
+    assert isinstance(loaded["payload"], _Placeholder) and not marker.exists()  # the call was never made
+    assert torch.equal(loaded["weight"], torch.ones(2))
+    out = load_tree(tmp_path / "file.safetensors")
+    assert torch.equal(out["weight"], torch.ones(2)) and out["payload"] is None
